@@ -1,0 +1,152 @@
+"""The notebook user's API: one object, numpy arrays or ``tf.data.Dataset`` in, numpy out.
+
+    calc = InfluenceCalculator(model, method="influence", solver="arnoldi", l2=1e-3)
+    calc.fit((x_train, y_train))
+    scores = calc.influence((x_test, y_test), (x_train, y_train))   # (n_test, n_train)
+    top = calc.top_k((x_test, y_test), (x_train, y_train), k=10)    # proponents / opponents
+    self_scores = calc.self_influence((x_train, y_train))           # (n_train,)
+
+Sign convention: ``influence(z_train, z_test) = g_test^T H^-1 g_train``; positive = proponent
+(removing the training example would raise the test loss), negative = opponent. Removing a
+training example changes the test loss by about ``influence / n`` (n = training-set size).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from influence_ops import artifacts, groups
+from influence_ops import methods as M
+from influence_ops import topk as topk_lib
+from influence_ops.model import InfluenceModel
+
+log = logging.getLogger(__name__)
+
+
+def as_arrays(data) -> Tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` numpy arrays from a tuple or a (batched or unbatched) ``tf.data.Dataset``."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return np.asarray(data[0]), np.asarray(data[1])
+    import tensorflow as tf
+    if isinstance(data, tf.data.Dataset):
+        xs, ys = [], []
+        batched = len(data.element_spec[0].shape) > 0 and data.element_spec[0].shape[0] is None
+        for x, y in data.as_numpy_iterator():
+            xs.append(x if batched else x[None])
+            ys.append(y if batched else np.asarray(y)[None])
+        return np.concatenate(xs), np.concatenate(ys)
+    raise TypeError("data must be an (x, y) tuple of arrays or a tf.data.Dataset of (x, y)")
+
+
+def default_ids(n: int, prefix: str = "train") -> np.ndarray:
+    width = max(6, len(str(max(n - 1, 0))))
+    return np.char.add(f"{prefix}:", np.char.zfill(np.arange(n).astype(str), width))
+
+
+def build_method(imodel: InfluenceModel, method: str = "influence", **kwargs) -> M.InfluenceMethod:
+    """Method by name: influence, relatif, arnoldi (= influence with solver=arnoldi), tracin,
+    rps_l2, rps_lje."""
+    if method in ("influence", "relatif", "arnoldi", "exact", "cg", "lissa"):
+        if method in ("arnoldi", "exact", "cg", "lissa"):
+            kwargs.setdefault("solver", method)
+        if method == "relatif":
+            kwargs["relatif"] = True
+        return M.FirstOrderInfluence(imodel, **kwargs)
+    if method == "tracin":
+        return M.TracIn(imodel, **kwargs)
+    if method == "rps_l2":
+        return M.RepresenterPointsL2(imodel, **kwargs)
+    if method == "rps_lje":
+        return M.RepresenterPointsLJE(imodel, **kwargs)
+    raise ValueError(f"unknown method {method!r}: influence, relatif, arnoldi, exact, cg, "
+                     "lissa, tracin, rps_l2, rps_lje")
+
+
+class InfluenceCalculator:
+    """Fits one influence method on a model and answers the usual questions."""
+
+    def __init__(self, model, method: str = "influence", target_layers=None,
+                 loss="sparse_categorical_crossentropy", l2: float = 0.0,
+                 from_logits: Optional[bool] = None, **method_kwargs):
+        self.imodel = model if isinstance(model, InfluenceModel) else InfluenceModel(
+            model, target_layers=target_layers, loss=loss, from_logits=from_logits, l2=l2)
+        self.method = build_method(self.imodel, method, **method_kwargs)
+
+    def fit(self, train, queries=None, query_ids=None) -> "InfluenceCalculator":
+        x, y = as_arrays(train)
+        if self.method.needs_queries:
+            if queries is None:
+                raise ValueError(f"{self.method.name} with this solver fits on the queries: "
+                                 "pass queries=(x_test, y_test)")
+            qx, qy = as_arrays(queries)
+            self.method.fit(x, y, qx, qy, query_ids)
+        else:
+            self.method.fit(x, y)
+        return self
+
+    def influence(self, queries, train, query_ids=None) -> np.ndarray:
+        """``(n_queries, n_train)`` scores."""
+        qx, qy = as_arrays(queries)
+        x, y = as_arrays(train)
+        return self.method.scores(qx, qy, x, y, query_ids)
+
+    def self_influence(self, train) -> np.ndarray:
+        x, y = as_arrays(train)
+        return self.method.self_influence(x, y)
+
+    def top_k(self, queries, train, k: int = 10, train_ids=None, query_ids=None) -> dict:
+        """Proponents (largest scores) and opponents (smallest) per query, ties by id."""
+        scores = self.influence(queries, train, query_ids)
+        ids = default_ids(scores.shape[1]) if train_ids is None else np.asarray(train_ids)
+        return topk_lib.top_k(scores, ids, k)
+
+    def influence_vectors(self, train) -> np.ndarray:
+        if not isinstance(self.method, M.FirstOrderInfluence):
+            raise ValueError("influence vectors are defined for influence-function methods")
+        x, y = as_arrays(train)
+        return self.method.influence_vectors(x, y)
+
+    def group_influence(self, queries, train, group_ids, order: int = 1, query_ids=None):
+        """``(groups, scores (m, G))``; first order also returns group self-influence."""
+        qx, qy = as_arrays(queries)
+        x, y = as_arrays(train)
+        if order == 1:
+            return groups.first_order_group_scores(self.method, qx, qy, x, y, group_ids,
+                                                   query_ids)
+        if order == 2:
+            if not isinstance(self.method, M.FirstOrderInfluence):
+                raise ValueError("second-order group influence needs an influence-function method")
+            return groups.second_order_group_scores(self.method, self.imodel, qx, qy, x, y,
+                                                    group_ids)
+        raise ValueError("order must be 1 or 2")
+
+    def save(self, directory: str) -> str:
+        return artifacts.save_method(self.method, directory)
+
+    @classmethod
+    def load(cls, directory: str, model, target_layers=None,
+             loss="sparse_categorical_crossentropy", l2: float = 0.0, from_logits=None):
+        obj = cls.__new__(cls)
+        manifest = artifacts.read_manifest(directory)
+        if target_layers is None:
+            target_layers = manifest["model"]["target_layers"]
+        obj.imodel = model if isinstance(model, InfluenceModel) else InfluenceModel(
+            model, target_layers=target_layers, loss=loss, from_logits=from_logits, l2=l2)
+        obj.method = artifacts.load_method(directory, obj.imodel)
+        return obj
+
+    def to_parquet(self, path: str, queries, train, k: int = 10, train_ids=None,
+                   query_ids=None) -> str:
+        """Writes the top-k table (query_id, rank, train_id, score, kind) to one Parquet file."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from influence_ops import schemas
+        qx, _ = as_arrays(queries)
+        qids = default_ids(len(qx), "query") if query_ids is None else np.asarray(query_ids)
+        res = self.top_k(queries, train, k, train_ids, query_ids)
+        table = schemas.topk_table(qids, res)
+        pq.write_table(table, path)
+        return path

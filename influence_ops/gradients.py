@@ -1,0 +1,288 @@
+"""Derivatives of the per-example loss with respect to the target weights theta.
+
+All functions take numpy inputs, run compiled TensorFlow functions over mini-batches of
+``batch_size`` rows and return numpy arrays in the model's dtype (float32 for ordinary models,
+float64 for the exact-oracle tests). None loops over examples in Python:
+
+* :func:`per_example_gradients` ``(n, d)``: ``tf.vectorized_map`` over the batch, each lane a
+  ``GradientTape`` through the head only; pfor turns it into batched ops.
+* :func:`projected_gradients` ``(n, k)``: per-example gradients times a ``(d, k)`` matrix, fused in
+  one compiled function so the ``(n, d)`` gradients never leave it.
+* :func:`hessian_vector_products` ``(m, d)``: forward-over-backward (a ``ForwardAccumulator``
+  around a ``GradientTape``) of the mean loss over a data set, plus ``l2 * v``.
+* :func:`directional_derivatives` ``(n, k)``: JVPs ``<g_i, v_j>`` along k directions, forward mode,
+  no per-example gradient materialised.
+* :func:`explicit_hessian` ``(d, d)``: for small d (exact oracle / exact solver).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from influence_ops import tf_setup
+from influence_ops.model import InfluenceModel
+
+tf = tf_setup.tensorflow()
+
+DEFAULT_BATCH = 256
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def _cached(imodel: InfluenceModel, key, build):
+    fn = imodel._fns.get(key)
+    if fn is None:
+        fn = build()
+        imodel._fns[key] = fn
+    return fn
+
+
+def _cast_x(imodel, x):
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating):
+        return x.astype(imodel.dtype.as_numpy_dtype, copy=False)
+    return x
+
+
+def _per_example_grad_fn(imodel: InfluenceModel):
+    def build():
+        def one(args):
+            h, y = args
+            with tf.GradientTape() as tape:
+                tape.watch(imodel._tf_vars)
+                loss = tf.reduce_sum(imodel.per_example_loss(y[None], imodel.head(h[None])))
+            grads = tape.gradient(loss, imodel._tf_vars,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return imodel.flatten(grads)
+
+        @tf.function(reduce_retracing=True)
+        def fn(x, y):
+            h = imodel.front(x)
+            return tf.vectorized_map(one, (h, y))
+        return fn
+    return _cached(imodel, "pe_grad", build)
+
+
+def per_example_gradients(imodel: InfluenceModel, x, y, batch_size: int = DEFAULT_BATCH
+                          ) -> np.ndarray:
+    """Gradients of each example's loss w.r.t. theta, shape ``(n, d)``."""
+    x = _cast_x(imodel, x)
+    y = imodel.check_labels(y, len(x))
+    fn = _per_example_grad_fn(imodel)
+    out = np.empty((len(x), imodel.n_params), dtype=imodel.dtype.as_numpy_dtype)
+    for s in _batches(len(x), batch_size):
+        out[s] = fn(x[s], y[s]).numpy()
+    return out
+
+
+def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
+                        batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+    """``per_example_gradients(x, y) @ projection``, shape ``(n, k)``, fused on device.
+
+    ``projection`` is ``(d, k)``. The ``(batch, d)`` gradient block lives only inside the
+    compiled function, so host memory stays ``O(batch * k)``.
+    """
+    x = _cast_x(imodel, x)
+    y = imodel.check_labels(y, len(x))
+    proj = tf.constant(np.asarray(projection, dtype=imodel.dtype.as_numpy_dtype))
+    grad_fn = _per_example_grad_fn(imodel)
+
+    def build():
+        @tf.function(reduce_retracing=True)
+        def fn(xb, yb, p):
+            return tf.matmul(grad_fn(xb, yb), p)
+        return fn
+    fn = _cached(imodel, "pe_proj", build)
+    out = np.empty((len(x), proj.shape[1]), dtype=imodel.dtype.as_numpy_dtype)
+    for s in _batches(len(x), batch_size):
+        out[s] = fn(x[s], y[s], proj).numpy()
+    return out
+
+
+def per_example_losses(imodel: InfluenceModel, x, y, batch_size: int = 1024) -> np.ndarray:
+    x = _cast_x(imodel, x)
+    y = imodel.check_labels(y, len(x))
+
+    def build():
+        @tf.function(reduce_retracing=True)
+        def fn(xb, yb):
+            return imodel.per_example_loss(yb, imodel.head(imodel.front(xb)))
+        return fn
+    fn = _cached(imodel, "losses", build)
+    return np.concatenate([fn(x[s], y[s]).numpy() for s in _batches(len(x), batch_size)]
+                          ) if len(x) else np.zeros((0,), imodel.dtype.as_numpy_dtype)
+
+
+def predictions(imodel: InfluenceModel, x, batch_size: int = 1024) -> np.ndarray:
+    x = _cast_x(imodel, x)
+    return np.concatenate([imodel.model(x[s], training=False).numpy()
+                           for s in _batches(len(x), batch_size)])
+
+
+def _hvp_fn(imodel: InfluenceModel):
+    def build():
+        @tf.function(reduce_retracing=True)
+        def fn(x, y, v):
+            tangents = imodel.unflatten(v)
+            with tf.autodiff.ForwardAccumulator(imodel._tf_vars, tangents) as acc:
+                with tf.GradientTape() as tape:
+                    tape.watch(imodel._tf_vars)
+                    loss = tf.reduce_sum(imodel.per_example_loss(y, imodel.head(imodel.front(x))))
+                grads = tape.gradient(loss, imodel._tf_vars,
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return imodel.flatten(acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        return fn
+    return _cached(imodel, "hvp", build)
+
+
+def hessian_vector_products(imodel: InfluenceModel, x, y, vectors: np.ndarray,
+                            batch_size: int = 1024, include_l2: bool = True,
+                            reduce: str = "mean") -> np.ndarray:
+    """``H v`` for each row v of ``vectors`` ``(m, d)``; returns ``(m, d)``.
+
+    ``H`` is the Hessian of ``mean_i l(z_i)`` over the given examples (``reduce='sum'`` for the
+    sum, as second-order group influence needs), plus ``l2 * I`` when ``include_l2``.
+    """
+    x = _cast_x(imodel, x)
+    y = imodel.check_labels(y, len(x))
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=imodel.dtype.as_numpy_dtype))
+    fn = _hvp_fn(imodel)
+    out = np.zeros_like(vectors)
+    n = len(x)
+    batches = list(_batches(n, batch_size))
+    for j, v in enumerate(vectors):
+        tv = tf.constant(v)
+        acc = None
+        for s in batches:
+            r = fn(x[s], y[s], tv)
+            acc = r if acc is None else acc + r
+        hv = acc.numpy() if acc is not None else np.zeros_like(v)
+        if reduce == "mean" and n:
+            hv = hv / n
+        if include_l2 and imodel.l2:
+            hv = hv + imodel.l2 * v
+        out[j] = hv
+    return out
+
+
+def _hessian_fn(imodel: InfluenceModel):
+    def build():
+        @tf.function(reduce_retracing=True)
+        def fn(x, y):
+            with tf.GradientTape(persistent=True) as outer:
+                outer.watch(imodel._tf_vars)
+                with tf.GradientTape() as inner:
+                    inner.watch(imodel._tf_vars)
+                    loss = tf.reduce_sum(imodel.per_example_loss(y, imodel.head(imodel.front(x))))
+                g = imodel.flatten(inner.gradient(
+                    loss, imodel._tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            jac = outer.jacobian(g, imodel._tf_vars,
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return tf.concat([tf.reshape(j, [tf.shape(g)[0], -1]) for j in jac], axis=1)
+        return fn
+    return _cached(imodel, "hessian", build)
+
+
+MAX_EXPLICIT_D = 20000
+
+
+def hessian_sum(imodel: InfluenceModel, x, y, batch_size: int = 512) -> np.ndarray:
+    """``sum_i Hessian(l(z_i))`` in float64, ``(d, d)``, without the L2 term.
+
+    The building block of the distributed exact Hessian (a sum is what combiners add up).
+    """
+    if imodel.n_params > MAX_EXPLICIT_D:
+        raise ValueError(
+            f"explicit Hessian needs d <= {MAX_EXPLICIT_D}, the target layers have "
+            f"d={imodel.n_params}: use an Arnoldi, CG or LiSSA solver instead")
+    x = _cast_x(imodel, x)
+    y = imodel.check_labels(y, len(x))
+    fn = _hessian_fn(imodel)
+    total = np.zeros((imodel.n_params, imodel.n_params), dtype=np.float64)
+    for s in _batches(len(x), batch_size):
+        total += fn(x[s], y[s]).numpy().astype(np.float64)
+    return total
+
+
+def explicit_hessian(imodel: InfluenceModel, x, y, batch_size: int = 512) -> np.ndarray:
+    """Hessian of the training objective ``mean_i l(z_i) + l2/2 ||theta||^2``, ``(d, d)``."""
+    h = hessian_sum(imodel, x, y, batch_size) / max(len(x), 1)
+    h = 0.5 * (h + h.T)
+    return h + imodel.l2 * np.eye(imodel.n_params)
+
+
+def directional_derivatives(imodel: InfluenceModel, x, y, directions: np.ndarray,
+                            batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+    """``<grad l(z_i), v_j>`` for k directions ``(k, d)``; returns ``(n, k)``.
+
+    Forward mode (one JVP of the per-example loss vector per direction): cost ~k forward passes
+    of the head, no ``(n, d)`` gradient matrix. Wins over :func:`projected_gradients` when d is
+    large and k small.
+    """
+    x = _cast_x(imodel, x)
+    y = imodel.check_labels(y, len(x))
+    dirs = tf.constant(np.atleast_2d(np.asarray(directions, imodel.dtype.as_numpy_dtype)))
+
+    def build():
+        @tf.function(reduce_retracing=True)
+        def fn(xb, yb, V):
+            h = imodel.front(xb)
+
+            def one(v):
+                with tf.autodiff.ForwardAccumulator(imodel._tf_vars, imodel.unflatten(v)) as acc:
+                    loss = imodel.per_example_loss(yb, imodel.head(h))
+                return acc.jvp(loss, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return tf.transpose(tf.map_fn(one, V, fn_output_signature=imodel.dtype))
+        return fn
+    fn = _cached(imodel, "jvp", build)
+    out = np.empty((len(x), dirs.shape[0]), dtype=imodel.dtype.as_numpy_dtype)
+    for s in _batches(len(x), batch_size):
+        out[s] = fn(x[s], y[s], dirs).numpy()
+    return out
+
+
+def penultimate_features(imodel: InfluenceModel, x, batch_size: int = 1024) -> np.ndarray:
+    """Inputs of the model's last layer ``(n, p)``: the features of representer points."""
+    import keras
+    model = imodel.model
+    key = "penultimate"
+    fn = imodel._fns.get(key)
+    if fn is None:
+        if isinstance(model, keras.Sequential):
+            layers = model.layers[:-1]
+
+            @tf.function(reduce_retracing=True)
+            def fn(xb):
+                h = xb
+                for layer in layers:
+                    h = layer(h, training=False)
+                return h
+        else:
+            sub = keras.Model(model.inputs, model.layers[-1].input)
+
+            @tf.function(reduce_retracing=True)
+            def fn(xb):
+                return sub(xb, training=False)
+        imodel._fns[key] = fn
+    x = _cast_x(imodel, x)
+    return np.concatenate([fn(x[s]).numpy() for s in _batches(len(x), batch_size)])
+
+
+def mean_gradient(imodel: InfluenceModel, x, y, batch_size: int = 1024,
+                  include_l2: bool = True) -> np.ndarray:
+    """Gradient of the training objective over the given examples, ``(d,)``."""
+    g = per_example_gradients(imodel, x, y, batch_size).astype(np.float64).mean(axis=0)
+    if include_l2 and imodel.l2:
+        g = g + imodel.l2 * imodel.get_flat_params().astype(np.float64)
+    return g
+
+
+def random_directions(d: int, k: int, seed: int, dtype=np.float32) -> Optional[np.ndarray]:
+    """Seeded Gaussian ``(d, k)`` matrix scaled by 1/sqrt(k) (Johnson-Lindenstrauss)."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((d, k)) / np.sqrt(k)).astype(dtype)

@@ -1,0 +1,268 @@
+"""The model wrapper: a Keras model, the weights whose influence we trace, and the loss.
+
+Everything in `influence_ops` talks to a model through :class:`InfluenceModel`. It fixes
+
+* the **target weights** theta (the trainable weights of the chosen layers, flattened in layer
+  order into one vector of length ``d``; default: the last layer),
+* the **per-example loss** ``l(z, theta)`` (a Keras loss built with ``reduction=None``, a loss
+  name, or any callable ``(y_true, y_pred) -> (n,)``),
+* an optional **L2 term**: the training objective is ``mean_i l(z_i) + l2/2 ||theta||^2``, so the
+  Hessian gets ``+ l2 * I`` while per-example gradients stay gradients of ``l`` alone (removing a
+  training example removes its loss term, not the regulariser).
+
+For sequential models the network is split at the first target layer: the frozen front part
+runs once per batch (no tape), and gradients, Hessian-vector products and Jacobian-vector
+products only go through the short head. Functional models that are not chains fall back to
+running the whole model under the tape, which is correct but slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from influence_ops import tf_setup
+
+tf = tf_setup.tensorflow()
+import keras  # noqa: E402  (after TF thread settings)
+
+LossLike = Union[str, Callable, "keras.losses.Loss"]
+
+_LOSS_NAMES = {
+    "sparse_categorical_crossentropy": ("sparse", keras.losses.SparseCategoricalCrossentropy),
+    "categorical_crossentropy": ("onehot", keras.losses.CategoricalCrossentropy),
+    "binary_crossentropy": ("binary", keras.losses.BinaryCrossentropy),
+    "mse": ("regression", keras.losses.MeanSquaredError),
+    "mean_squared_error": ("regression", keras.losses.MeanSquaredError),
+}
+
+
+class InfluenceModelError(ValueError):
+    """A model, layer, loss or label problem, with a message that says what to change."""
+
+
+def load_keras_model(path: str) -> "keras.Model":
+    """Loads a ``.keras`` file in Keras safe mode (no arbitrary code from the file)."""
+    if not str(path).endswith(".keras"):
+        raise InfluenceModelError(
+            f"model path {path!r}: expected a Keras v3 '.keras' file (saved with model.save)")
+    local = path
+    if "://" in str(path):
+        # Keras reads local files only; copy remote models (gs://...) to a temp file first.
+        import tempfile
+        from influence_ops import storage
+        fd, local = tempfile.mkstemp(suffix=".keras")
+        os.close(fd)
+        with storage.open_read(path) as src, open(local, "wb") as dst:
+            dst.write(src.read())
+    elif not os.path.exists(path):
+        raise InfluenceModelError(f"model file not found: {path}")
+    return keras.saving.load_model(local, compile=False, safe_mode=True)
+
+
+def model_fingerprint(model: "keras.Model") -> str:
+    """sha256 over layer names, weight shapes, dtypes and values: changes when the model does."""
+    h = hashlib.sha256()
+    for w in model.weights:
+        arr = np.asarray(w.numpy())
+        h.update(w.path.encode())
+        h.update(str(arr.shape).encode())
+        h.update(str(arr.dtype).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+class InfluenceModel:
+    """A Keras model plus the target weights and the per-example loss.
+
+    Args:
+      model: a built ``keras.Model`` or a path to a ``.keras`` file (loaded in safe mode).
+      target_layers: layer names (list of str), an int N for the last N layers that have
+        weights, or None for the last layer with trainable weights.
+      loss: a Keras loss with ``reduction=None``, a loss name (``sparse_categorical_crossentropy``,
+        ``categorical_crossentropy``, ``binary_crossentropy``, ``mse``) or a callable
+        ``(y_true, y_pred) -> (n,)``.
+      from_logits: for loss names only; None infers it from the last layer's activation.
+      l2: coefficient of the ``l2/2 ||theta||^2`` term of the training objective.
+    """
+
+    def __init__(self, model, target_layers: Union[None, int, Sequence[str]] = None,
+                 loss: LossLike = "sparse_categorical_crossentropy",
+                 from_logits: Optional[bool] = None, l2: float = 0.0):
+        if isinstance(model, (str, os.PathLike)):
+            model = load_keras_model(str(model))
+        if not isinstance(model, keras.Model):
+            raise InfluenceModelError(f"expected a keras.Model or a .keras path, got {type(model)}")
+        if not model.built:
+            raise InfluenceModelError("the model is not built: call it once or give it an Input")
+        self.model = model
+        self.l2 = float(l2)
+        if self.l2 < 0:
+            raise InfluenceModelError(f"l2 must be >= 0, got {l2}")
+        self.target_layers = self._resolve_target_layers(target_layers)
+        self.variables = [w for layer in self.target_layers for w in layer.trainable_weights]
+        if not self.variables:
+            raise InfluenceModelError(
+                f"layers {[l.name for l in self.target_layers]} have no trainable weights")
+        self._tf_vars = [w.value for w in self.variables]
+        self.shapes = [tuple(v.shape) for v in self._tf_vars]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.n_params = int(sum(self.sizes))
+        self.dtype = self._tf_vars[0].dtype
+        self.loss_spec = loss if isinstance(loss, str) else getattr(loss, "name", repr(loss))
+        self.label_mode, self._loss_fn = self._resolve_loss(loss, from_logits)
+        self._front, self._head_layers = self._split()
+        self._fns = {}
+
+    # ------------------------------------------------------------------ construction helpers
+    def _resolve_target_layers(self, target_layers):
+        with_weights = [l for l in self.model.layers if l.trainable_weights]
+        names = [l.name for l in self.model.layers]
+        if target_layers is None:
+            target_layers = 1
+        if isinstance(target_layers, int):
+            if target_layers < 1 or target_layers > len(with_weights):
+                raise InfluenceModelError(
+                    f"target_layers={target_layers}: the model has {len(with_weights)} layers "
+                    f"with trainable weights ({[l.name for l in with_weights]})")
+            return with_weights[-target_layers:]
+        if isinstance(target_layers, str):
+            target_layers = [s for s in target_layers.split(",") if s]
+        layers = []
+        for name in target_layers:
+            if name not in names:
+                raise InfluenceModelError(
+                    f"unknown layer name {name!r}; the model's layers are {names}")
+            layers.append(self.model.get_layer(name))
+        # Keep model order so the flattening of theta is canonical.
+        layers.sort(key=lambda l: names.index(l.name))
+        for l in layers:
+            if not l.trainable_weights:
+                raise InfluenceModelError(f"layer {l.name!r} has no trainable weights")
+        return layers
+
+    def _last_activation(self):
+        act = getattr(self.model.layers[-1], "activation", None)
+        return getattr(act, "__name__", None)
+
+    def _resolve_loss(self, loss, from_logits):
+        if isinstance(loss, str):
+            key = loss.lower()
+            if key not in _LOSS_NAMES:
+                raise InfluenceModelError(
+                    f"unknown loss name {loss!r}; known: {sorted(_LOSS_NAMES)}")
+            mode, cls = _LOSS_NAMES[key]
+            if mode == "regression":
+                return mode, cls(reduction=None)
+            if from_logits is None:
+                from_logits = self._last_activation() not in ("softmax", "sigmoid")
+            return mode, cls(from_logits=from_logits, reduction=None)
+        if isinstance(loss, keras.losses.Loss):
+            if loss.reduction not in (None, "none"):
+                raise InfluenceModelError(
+                    f"loss {loss.name!r} reduces over the batch (reduction={loss.reduction!r}); "
+                    "influence needs per-example losses: build it with reduction=None")
+            mode = {"SparseCategoricalCrossentropy": "sparse", "CategoricalCrossentropy": "onehot",
+                    "BinaryCrossentropy": "binary"}.get(type(loss).__name__, "custom")
+            return mode, loss
+        if callable(loss):
+            return "custom", loss
+        raise InfluenceModelError(f"loss must be a name, a keras Loss or a callable, got {loss!r}")
+
+    def _split(self):
+        """Returns (front, head_layers) for Sequential models, (None, None) otherwise."""
+        if not isinstance(self.model, keras.Sequential):
+            return None, None
+        layers = self.model.layers
+        first = layers.index(self.target_layers[0])
+        front_layers = layers[:first]
+        return front_layers, layers[first:]
+
+    # ------------------------------------------------------------------ forward pieces
+    def front(self, x):
+        """Runs the frozen part below the first target layer (identity when not split)."""
+        x = tf.convert_to_tensor(x)
+        if self._front is None:
+            return x
+        for layer in self._front:
+            x = layer(x, training=False)
+        return x
+
+    def head(self, h):
+        """Maps front activations to model outputs (the whole model when not split)."""
+        if self._head_layers is None:
+            return self.model(h, training=False)
+        for layer in self._head_layers:
+            h = layer(h, training=False)
+        return h
+
+    def per_example_loss(self, y, y_pred):
+        loss = self._loss_fn(y, y_pred)
+        return tf.reshape(loss, [-1])
+
+    def check_labels(self, y, n: int) -> np.ndarray:
+        """Validates labels for this loss; returns them as a numpy array."""
+        y = np.asarray(y)
+        if y.shape[0] != n:
+            raise InfluenceModelError(f"labels have {y.shape[0]} rows but inputs have {n}")
+        out_shape = self.model.outputs[0].shape if getattr(self.model, "outputs", None) else None
+        n_out = int(out_shape[-1]) if out_shape is not None and out_shape[-1] is not None else None
+        if self.label_mode == "sparse":
+            if y.ndim == 2 and y.shape[1] == 1:
+                y = y[:, 0]
+            if y.ndim != 1:
+                raise InfluenceModelError(
+                    f"sparse_categorical_crossentropy needs integer labels of shape (n,), got "
+                    f"{y.shape}; pass loss='categorical_crossentropy' for one-hot labels")
+            if n_out is not None and y.size and (y.min() < 0 or y.max() >= n_out):
+                raise InfluenceModelError(
+                    f"integer labels must lie in [0, {n_out}), got range [{y.min()}, {y.max()}]")
+        elif self.label_mode == "onehot":
+            if y.ndim != 2 or (n_out is not None and y.shape[1] != n_out):
+                raise InfluenceModelError(
+                    f"categorical_crossentropy needs one-hot labels of shape (n, {n_out}), got "
+                    f"{y.shape}")
+        return y
+
+    # ------------------------------------------------------------------ flat parameters
+    def get_flat_params(self) -> np.ndarray:
+        return np.concatenate([np.reshape(v.numpy(), [-1]) for v in self._tf_vars])
+
+    def set_flat_params(self, theta: np.ndarray) -> None:
+        parts = np.split(np.asarray(theta), np.cumsum(self.sizes)[:-1])
+        for v, p, s in zip(self._tf_vars, parts, self.shapes):
+            v.assign(np.reshape(p, s).astype(v.dtype.as_numpy_dtype))
+
+    def flatten(self, tensors):
+        return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+
+    def unflatten(self, flat):
+        parts = tf.split(flat, self.sizes)
+        return [tf.reshape(p, s) for p, s in zip(parts, self.shapes)]
+
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model)
+
+    def describe(self) -> dict:
+        """What an artifact records about the model."""
+        return {
+            "target_layers": [l.name for l in self.target_layers],
+            "n_params": self.n_params,
+            "loss": self.loss_spec,
+            "label_mode": self.label_mode,
+            "l2": self.l2,
+            "dtype": self.dtype.name,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def __repr__(self):
+        return (f"InfluenceModel(target_layers={[l.name for l in self.target_layers]}, "
+                f"d={self.n_params}, loss={self.loss_spec}, l2={self.l2})")
+
+
+def describe_json(imodel: InfluenceModel) -> str:
+    return json.dumps(imodel.describe(), sort_keys=True)
