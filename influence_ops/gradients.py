@@ -126,18 +126,24 @@ def predictions(imodel: InfluenceModel, x, batch_size: int = 1024) -> np.ndarray
 
 def _hvp_fn(imodel: InfluenceModel):
     def build():
-        @tf.function(reduce_retracing=True)
-        def fn(x, y, v):
-            tangents = imodel.unflatten(v)
-            with tf.autodiff.ForwardAccumulator(imodel._tf_vars, tangents) as acc:
+        def one(x, y, v):
+            with tf.autodiff.ForwardAccumulator(imodel._tf_vars, imodel.unflatten(v)) as acc:
                 with tf.GradientTape() as tape:
                     tape.watch(imodel._tf_vars)
                     loss = tf.reduce_sum(imodel.per_example_loss(y, imodel.head(imodel.front(x))))
                 grads = tape.gradient(loss, imodel._tf_vars,
                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return imodel.flatten(acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+
+        @tf.function(reduce_retracing=True)
+        def fn(x, y, V):
+            # Several directions per call: pfor batches the forward-over-backward pass.
+            return tf.vectorized_map(lambda v: one(x, y, v), V)
         return fn
     return _cached(imodel, "hvp", build)
+
+
+HVP_VECTORS_PER_CALL = 32
 
 
 def hessian_vector_products(imodel: InfluenceModel, x, y, vectors: np.ndarray,
@@ -155,18 +161,17 @@ def hessian_vector_products(imodel: InfluenceModel, x, y, vectors: np.ndarray,
     out = np.zeros_like(vectors)
     n = len(x)
     batches = list(_batches(n, batch_size))
-    for j, v in enumerate(vectors):
-        tv = tf.constant(v)
+    for vs in _batches(len(vectors), HVP_VECTORS_PER_CALL):
+        tv = tf.constant(vectors[vs])
         acc = None
         for s in batches:
             r = fn(x[s], y[s], tv)
             acc = r if acc is None else acc + r
-        hv = acc.numpy() if acc is not None else np.zeros_like(v)
-        if reduce == "mean" and n:
-            hv = hv / n
-        if include_l2 and imodel.l2:
-            hv = hv + imodel.l2 * v
-        out[j] = hv
+        out[vs] = acc.numpy() if acc is not None else 0.0
+    if reduce == "mean" and n:
+        out /= n
+    if include_l2 and imodel.l2:
+        out += imodel.l2 * vectors
     return out
 
 

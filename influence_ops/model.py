@@ -67,12 +67,15 @@ def load_keras_model(path: str) -> "keras.Model":
 def model_fingerprint(model: "keras.Model") -> str:
     """sha256 over layer names, weight shapes, dtypes and values: changes when the model does."""
     h = hashlib.sha256()
-    for w in model.weights:
-        arr = np.asarray(w.numpy())
-        h.update(w.path.encode())
-        h.update(str(arr.shape).encode())
-        h.update(str(arr.dtype).encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
+    # Layer name + variable name, not ``w.path``: the path carries the model's own name,
+    # which Keras renames on save/load.
+    for layer in model.layers:
+        for w in layer.weights:
+            arr = np.asarray(w.numpy())
+            h.update(f"{layer.name}/{w.name}".encode())
+            h.update(str(arr.shape).encode())
+            h.update(str(arr.dtype).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
 
 
@@ -156,11 +159,12 @@ class InfluenceModel:
                 raise InfluenceModelError(
                     f"unknown loss name {loss!r}; known: {sorted(_LOSS_NAMES)}")
             mode, cls = _LOSS_NAMES[key]
+            # Keras losses compute in floatx unless told: keep the model's precision.
             if mode == "regression":
-                return mode, cls(reduction=None)
+                return mode, cls(reduction=None, dtype=self.dtype.name)
             if from_logits is None:
                 from_logits = self._last_activation() not in ("softmax", "sigmoid")
-            return mode, cls(from_logits=from_logits, reduction=None)
+            return mode, cls(from_logits=from_logits, reduction=None, dtype=self.dtype.name)
         if isinstance(loss, keras.losses.Loss):
             if loss.reduction not in (None, "none"):
                 raise InfluenceModelError(
