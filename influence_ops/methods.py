@@ -72,6 +72,12 @@ class InfluenceMethod:
     def _self_query_features(self, x, y):
         return self.query_features(x, y)
 
+    def featurize_train(self, x, y):
+        """One pass for the pipeline: ``(phi (n, k), psi on itself (n, k) or None, self (n,))``."""
+        phi = self.train_features(x, y)
+        psi = self._self_query_features(x, y)
+        return phi, psi, np.sum(phi.astype(np.float64) * psi.astype(np.float64), axis=1)
+
     def params(self) -> dict:
         """JSON-able parameters (recorded in the artifact manifest)."""
         return {}
@@ -270,6 +276,18 @@ class FirstOrderInfluence(InfluenceMethod):
             s /= np.maximum(np.linalg.norm(sol, axis=1), 1e-30)
         return s
 
+    def featurize_train(self, x, y):
+        self._check_fitted()
+        if self.inverse is None:  # CG / LiSSA: self-influence needs one solve per example
+            return self.train_features(x, y), None, self.self_influence(x, y)
+        dt = _float(self.imodel)
+        c = self._coords(x, y)
+        phi = c / np.sqrt(np.abs(self.inverse.lam))
+        psi = phi * np.sign(self.inverse.lam)
+        if self.relatif:
+            phi = phi / np.maximum(np.linalg.norm(c / self.inverse.lam, axis=1), 1e-30)[:, None]
+        return phi.astype(dt), psi.astype(dt), np.sum(phi * psi, axis=1)
+
     def influence_vectors(self, x, y) -> np.ndarray:
         """``-(H + damping)^-1 g`` per example ``(n, d)``: the first-order change of theta when
         the example is up-weighted (Influenciae's ``compute_influence_vector``); removing it
@@ -290,13 +308,17 @@ class FirstOrderInfluence(InfluenceMethod):
     def arrays(self):
         if self.inverse is not None:
             return {"U": self.inverse.U, "lam": self.inverse.lam}
-        return {"Q": self.Q, "query_ids": self.query_ids.astype(str)}
+        # The fit sample travels with the solutions so workers can solve new systems
+        # (self-influence, RelatIF norms, group influence); CG/LiSSA fit on small samples.
+        x, y = self._fit_data
+        return {"Q": self.Q, "query_ids": self.query_ids.astype(str), "fit_x": x, "fit_y": y}
 
     def restore(self, arrays):
         if "U" in arrays:
             self.inverse = solvers.EigenInverse(U=arrays["U"], lam=arrays["lam"])
         else:
             self.Q, self.query_ids = arrays["Q"], arrays["query_ids"]
+            self._fit_data = (arrays["fit_x"], arrays["fit_y"])
         self.fitted = True
 
     @property
@@ -358,6 +380,10 @@ class TracIn(InfluenceMethod):
     def self_influence(self, x, y):
         f = self.train_features(x, y).astype(np.float64)
         return np.sum(f * f, axis=1)
+
+    def featurize_train(self, x, y):
+        f = self.train_features(x, y)
+        return f, f, np.sum(f.astype(np.float64) ** 2, axis=1)
 
     def params(self):
         return {"checkpoints": self.checkpoint_paths, "learning_rates": self.learning_rates,

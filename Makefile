@@ -1,0 +1,38 @@
+# Two commands set up a fresh machine: `make demo` and `make test`. Both build .venv/ first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-all bench docs clean
+
+# CPU TensorFlow for CI and laptops (no multi-GB CUDA wheels); the GPU build belongs in the
+# worker container (deploy/). The project itself installs without re-resolving its deps.
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip wheel setuptools >/dev/null
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipelines.demo --output out/demo
+
+# Fast suite (well under 15 minutes on 2 cores): everything but tests marked slow.
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# Everything, including the multi-process / portable-runner end-to-end runs.
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_gradients.py
+
+docs: $(STAMP)
+	$(PY) -m pipelines.options > docs/options.md
+
+clean:
+	rm -rf $(VENV) out

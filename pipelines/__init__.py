@@ -1,0 +1,1 @@
+"""Beam adapter over influence_ops: options, composite transforms, DoFns, writers, CLI."""

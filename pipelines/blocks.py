@@ -1,0 +1,62 @@
+"""The pipeline's element: a block of examples with stable string ids (never one per example)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class Block:
+    """``ids`` ``(n,)`` str, ``x`` ``(n, ...)``, ``y`` ``(n, ...)``, optional ``group`` ``(n,)``."""
+    ids: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    group: Optional[np.ndarray] = None
+    source: str = ""
+
+    def __len__(self):
+        return len(self.ids)
+
+    def take(self, mask_or_index) -> "Block":
+        return Block(self.ids[mask_or_index], self.x[mask_or_index], self.y[mask_or_index],
+                     None if self.group is None else self.group[mask_or_index], self.source)
+
+
+@dataclass
+class FeatureBlock:
+    """Featurized training (or query) examples: ``features`` ``(n, k)`` plus per-example extras."""
+    ids: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray                      # strings, for the output tables
+    self_scores: Optional[np.ndarray] = None
+    losses: Optional[np.ndarray] = None
+    group: Optional[np.ndarray] = None
+    self_features: Optional[np.ndarray] = None  # psi on the example itself (group self-influence)
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def concat(blocks) -> Block:
+    blocks = [b for b in blocks if len(b)]
+    if not blocks:
+        raise ValueError("no examples")
+    group = (None if any(b.group is None for b in blocks)
+             else np.concatenate([b.group for b in blocks]))
+    return Block(np.concatenate([b.ids for b in blocks]), np.concatenate([b.x for b in blocks]),
+                 np.concatenate([b.y for b in blocks]), group, blocks[0].source)
+
+
+def split_rows(ids, x, y, group, block_size, source):
+    for start in range(0, len(ids), block_size):
+        s = slice(start, start + block_size)
+        yield Block(np.asarray(ids[s]).astype(str), x[s], y[s],
+                    None if group is None else np.asarray(group[s]).astype(str), source)
+
+
+def row_ids(source: str, start: int, n: int, width: int = 9) -> np.ndarray:
+    """Stable ids ``source:000000123``: zero-padded so string order is row order."""
+    return np.char.add(f"{source}:", np.char.zfill(np.arange(start, start + n).astype(str), width))
