@@ -22,7 +22,7 @@ setup(
     extras_require={
         # CI and laptops: the CPU build of TensorFlow (no multi-GB CUDA wheels).
         "cpu": ["tensorflow-cpu>=2.16"],
-        "test": ["pytest>=7", "scikit-learn>=1.3"],
+        "test": ["pytest>=7", "scikit-learn>=1.3", "pandas>=2"],
         "demo": ["scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": [

@@ -118,7 +118,9 @@ def arnoldi(hvp: HVP, d: int, n_iter: int, top_k: int, damping: float = 0.0,
     """
     n_iter = int(min(n_iter, d))
     if top_k > n_iter:
-        raise ValueError(f"top_k={top_k} must be <= n_iter={n_iter}")
+        log.warning("arnoldi: top_k=%d exceeds the %d Krylov steps available (d=%d); keeping %d",
+                    top_k, n_iter, d, n_iter)
+        top_k = n_iter
     rng = np.random.default_rng(seed)
     Q = np.zeros((n_iter + 1, d), dtype=np.float64)
     A = np.zeros((n_iter + 1, n_iter), dtype=np.float64)

@@ -94,12 +94,23 @@ def _dead_table(rows):
                      "error": [r[2] for r in rows]}, schema=schemas.DEAD_LETTER_SCHEMA)
 
 
-def build(p: beam.Pipeline, opts: InfluenceOptions) -> None:
+def build(p: beam.Pipeline, opts: InfluenceOptions, label_spec=None) -> None:
+    """Adds the job's stages to ``p``. ``label_spec``: ``(label_mode, n_outputs)`` of the model
+    (from ``stages.label_spec``); rows with labels that do not fit are dead-lettered."""
     from influence_ops import schemas
     cfg = stages.model_config(opts)
     out = opts.output
+    if label_spec is None:
+        label_spec = stages.label_spec(stages.build_imodel(cfg))
     train, dead_train = p | "ReadTrain" >> ReadExamples(opts.train, opts, "train")
     queries, dead_query = p | "ReadQueries" >> ReadExamples(opts.queries, opts, "query")
+    checked = {}
+    for role, blocks in (("Train", train), ("Queries", queries)):
+        checked[role] = blocks | f"ValidateLabels{role}" >> beam.ParDo(
+            stages.ValidateLabels(*label_spec)).with_outputs("dead", main="blocks")
+    train, queries = checked["Train"].blocks, checked["Queries"].blocks
+    dead_train = (dead_train, checked["Train"].dead) | "DeadTrain" >> beam.Flatten()
+    dead_query = (dead_query, checked["Queries"].dead) | "DeadQuery" >> beam.Flatten()
     artifact = train | "FitMethod" >> stages.FitMethod(cfg, _join(out, "artifact"), queries)
     train_f, dead_tf = train | "FeaturizeTrain" >> stages.Featurize(cfg, artifact, "train")
     query_f, dead_qf = queries | "FeaturizeQueries" >> stages.Featurize(cfg, artifact, "query")
@@ -185,11 +196,11 @@ def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = N
     iopts = opts.view_as(InfluenceOptions)
     validate(iopts)
     # Fail fast on the driver: the model must load and the target layers must exist.
-    stages.build_imodel(stages.model_config(iopts))
+    imodel = stages.build_imodel(stages.model_config(iopts))
     prepare_output(iopts.output, iopts.overwrite)
     t0 = time.time()
     p = make_pipeline(opts)
-    build(p, iopts)
+    build(p, iopts, stages.label_spec(imodel))
     log.info("running %s/%s on %s", iopts.method, iopts.solver,
              opts.view_as(StandardOptions).runner or "FnApiRunner")
     result = p.run()

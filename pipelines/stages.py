@@ -223,6 +223,54 @@ class FitMethod(beam.PTransform):
                                               beam.pvalue.AsList(queries))
 
 
+# ============================================================================ validate labels
+def label_spec(imodel):
+    """``(label_mode, number of model outputs)``: what a label must fit."""
+    outputs = getattr(imodel.model, "outputs", None)
+    n_out = int(outputs[0].shape[-1]) if outputs else None
+    return imodel.label_mode, n_out
+
+
+def label_problems(label_mode: str, n_out: Optional[int], y) -> np.ndarray:
+    """Rows whose label cannot go into the loss (a bad label dead-letters a row, not a block)."""
+    y = np.asarray(y)
+    bad = np.zeros(len(y), dtype=bool)
+    if label_mode == "sparse":
+        flat = y.reshape(len(y), -1)
+        if flat.shape[1] != 1 or not np.issubdtype(flat.dtype, np.number):
+            return np.ones(len(y), dtype=bool)
+        v = flat[:, 0].astype(np.float64)
+        bad = ~np.isfinite(v) | (v < 0) | (v != np.round(v))
+        if n_out is not None:
+            bad |= v >= n_out
+    elif label_mode == "onehot":
+        flat = y.reshape(len(y), -1)
+        if n_out is not None and flat.shape[1] != n_out:
+            return np.ones(len(y), dtype=bool)
+        bad = ~np.isfinite(flat.astype(np.float64)).all(axis=1)
+    return bad
+
+
+class ValidateLabels(beam.DoFn):
+    """Dead-letters rows whose label does not fit the model's loss, before anything fits."""
+
+    def __init__(self, label_mode: str, n_out: Optional[int]):
+        self.label_mode, self.n_out = label_mode, n_out
+        self.dead = beam.metrics.Metrics.counter(NAMESPACE, "examples_dead_lettered")
+
+    def process(self, block: Block):
+        bad = label_problems(self.label_mode, self.n_out, block.y)
+        if bad.any():
+            self.dead.inc(int(bad.sum()))
+            for i in np.nonzero(bad)[0]:
+                yield beam.pvalue.TaggedOutput("dead", (block.source, str(block.ids[i]), (
+                    f"bad label {block.y[i]!r} for a {self.label_mode} loss with "
+                    f"{self.n_out} outputs")))
+            block = block.take(~bad)
+        if len(block):
+            yield block
+
+
 # ============================================================================ featurize
 class _FeaturizeDoFn(beam.DoFn):
     """Blocks -> FeatureBlocks: projected per-example gradients (phi, psi), self-influence, loss."""
@@ -243,26 +291,13 @@ class _FeaturizeDoFn(beam.DoFn):
         if self._n:
             log.info("featurize[%s]: %d examples in this bundle", self.role, self._n)
 
-    def _label_problems(self, imodel, y) -> np.ndarray:
-        """Per-row label check (so one bad label dead-letters a row, not a block)."""
-        y = np.asarray(y)
-        bad = np.zeros(len(y), dtype=bool)
-        if imodel.label_mode == "sparse":
-            n_out = int(imodel.model.outputs[0].shape[-1])
-            flat = y.reshape(len(y), -1)
-            if flat.shape[1] != 1:
-                return np.ones(len(y), dtype=bool)
-            v = flat[:, 0]
-            bad = ~np.isfinite(v.astype(np.float64)) | (v < 0) | (v >= n_out) | (v != np.round(v))
-        return bad
-
     def process(self, block: Block, artifact: str):
         from influence_ops import gradients as G
         from influence_ops.schemas import labels_as_strings
         t = time.time()
         loaded = acquire(self.cfg, artifact)
         imodel, method = loaded.imodel, loaded.method
-        bad = self._label_problems(imodel, block.y)
+        bad = label_problems(imodel.label_mode, label_spec(imodel)[1], block.y)
         if bad.any():
             self.dead.inc(int(bad.sum()))
             for i in np.nonzero(bad)[0]:
