@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_gradients.py
 
 docs: $(STAMP)
-	$(PY) -m pipelines.options > docs/options.md
+	$(PY) -m pipelines.options --update-readme > docs/options.md
 
 clean:
 	rm -rf $(VENV) out

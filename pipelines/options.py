@@ -115,5 +115,16 @@ def options_markdown() -> str:
     return "\n".join(lines)
 
 
+def update_readme(path: str = "README.md") -> None:
+    """Replaces the table between the README's option markers."""
+    text = open(path).read()
+    begin, end = "<!-- options:begin -->\n", "\n<!-- options:end -->"
+    i, j = text.index(begin) + len(begin), text.index(end)
+    with open(path, "w") as f:
+        f.write(text[:i] + options_markdown() + text[j:])
+
+
 if __name__ == "__main__":
+    if "--update-readme" in sys.argv:
+        update_readme()
     sys.stdout.write(options_markdown() + "\n")
