@@ -194,6 +194,8 @@ def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = N
     opts = options or PipelineOptions(argv)
     opts.view_as(SetupOptions).save_main_session = False
     iopts = opts.view_as(InfluenceOptions)
+    # Driver-side file operations (output checks, manifest, marker) use the job's options too.
+    FileSystems.set_options(opts)
     validate(iopts)
     # Fail fast on the driver: the model must load and the target layers must exist.
     imodel = stages.build_imodel(stages.model_config(iopts))
