@@ -63,31 +63,37 @@ def main(argv=None) -> int:
     ap.add_argument("--solver", default="exact")
     ap.add_argument("--queries", type=int, default=50, help="query examples to explain")
     args, beam_args = ap.parse_known_args(argv)
-    from pipelines import run as run_lib
     out = os.path.abspath(args.output)
-    data_dir = os.path.join(out + "_inputs")
+    found, n_flipped = run_demo(out, args.method, args.solver, args.queries, beam_args)
+    print(f"\nParquet results in {out}/ (topk/, self_influence/, artifact/, run_manifest.json)")
+    for frac, hit in found.items():
+        print(f"flipped labels in the top {int(frac * 100)}% of self-influence: "
+              f"{hit:.1%} of {n_flipped}")
+    return 0
+
+
+def run_demo(out: str, method: str = "influence", solver: str = "exact", queries: int = 50,
+             beam_args=()):
+    """Trains the demo model, runs the pipeline into ``out``; returns (found, n_flipped)."""
+    from pipelines import run as run_lib
+    data_dir = os.path.join(out, "inputs")  # model + .npz the pipeline reads
     os.makedirs(data_dir, exist_ok=True)
     xtr, ytr, xq, yq, flipped = make_data()
     model = train_model(xtr, ytr)
     model_path = os.path.join(data_dir, "model.keras")
     model.save(model_path)
     np.savez(os.path.join(data_dir, "train.npz"), x=xtr, y=ytr)
-    np.savez(os.path.join(data_dir, "queries.npz"), x=xq[:args.queries], y=yq[:args.queries])
+    np.savez(os.path.join(data_dir, "queries.npz"), x=xq[:queries], y=yq[:queries])
     acc = float(np.mean(np.argmax(model.predict(xq, verbose=0), axis=1) == yq))
     log.info("demo model: test accuracy %.3f; %d of %d training labels flipped", acc,
              flipped.sum(), len(flipped))
     argv_run = [
         f"--model={model_path}", f"--train=npz:{data_dir}/train.npz",
         f"--queries=npz:{data_dir}/queries.npz", f"--output={out}", "--overwrite",
-        f"--method={args.method}", f"--solver={args.solver}", "--l2=0.001",
-    ] + beam_args
-    manifest = run_lib.run(argv_run)
-    found = flipped_found(out, flipped)
-    print(f"\nParquet results in {out}/ (topk/, self_influence/, artifact/, run_manifest.json)")
-    for frac, hit in found.items():
-        print(f"flipped labels in the top {int(frac * 100)}% of self-influence: "
-              f"{hit:.1%} of {int(flipped.sum())}")
-    return 0
+        f"--method={method}", f"--solver={solver}", "--l2=0.001",
+    ] + list(beam_args)
+    run_lib.run(argv_run)
+    return flipped_found(out, flipped), int(flipped.sum())
 
 
 def flipped_found(out: str, flipped: np.ndarray) -> dict:
