@@ -16,7 +16,8 @@ def test_demo_finds_flipped_labels(tmp_path):
     found, n_flipped = demo.run_demo(out)
     assert n_flipped == 150
     # Issue bar: >= 80% of flipped labels in the top 10% (the seed library's exact
-    # self-influence finds ~85% on the same kind of setup; we measured 83.3%).
+    # self-influence finds ~85% on the same kind of setup; we measure 91.3% at seed 0, 91-94%
+    # over seeds 0-2).
     assert found[0.10] >= 0.80, found
     assert found[0.20] >= found[0.10]
     assert pq.read_table(os.path.join(out, "self_influence")).num_rows == 1500
