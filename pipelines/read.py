@@ -6,12 +6,19 @@ Source specs (``--train`` / ``--queries``):
   (and optionally ``--id_key``/``--group_key``); loaded with ``allow_pickle=False``.
 * ``parquet:GLOB``       Parquet files; ``--x_key`` is a list column (reshaped with
   ``--input_shape``) or comma-separated scalar columns.
-* ``tfrecord:GLOB``      ``tf.train.Example`` records parsed with ``--feature_spec``.
+* ``tfrecord:GLOB``      ``tf.train.Example`` records parsed with ``--feature_spec``
+  (``.gz`` / ``.zlib`` files are decompressed).
 * ``tfds:NAME/SPLIT``    a prepared TFDS dataset under ``--tfds_data_dir`` (never downloads).
+  NAME may carry a config and version (``name/config:1.0.0``); SPLIT may be a TFDS split
+  expression (``train[:10%]``, ``train+test``).
 
-Ids: the ``--id_key`` column when given, else ``<file or split>:<zero-padded row index>``, stable
-across runs and runners. Rows with non-finite features or a wrong shape go to the dead-letter
-output (tag ``dead``) with the reason, never silently dropped.
+Ids: the ``--id_key`` column when given, else ``<source>:<zero-padded row index>``, stable
+across runs, runners and sharding. ``<source>`` is the file's base name (its path relative to
+the files' common folder when two matched files share a base name), or ``NAME/SPLIT`` for TFDS,
+where the row index is the example's position in the split read file by file, in order.
+Rows with non-finite features, a wrong shape or a missing value go to the dead-letter output
+(tag ``dead``) with the reason, never silently dropped; they count as read, so that
+``examples_read`` = rows passed on + rows dead-lettered.
 """
 
 from __future__ import annotations
@@ -19,13 +26,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import posixpath
+import re
 import tempfile
-from typing import List, Optional
+from typing import List
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.blocks import Block, row_ids, split_rows
@@ -33,6 +43,8 @@ from pipelines.blocks import Block, row_ids, split_rows
 log = logging.getLogger(__name__)
 NAMESPACE = "influence"
 DEAD = "dead"
+TFDS_MIN_SHARDS = 8
+TFDS_SHARD_EXAMPLES = 65536   # more shards than TFDS_MIN_SHARDS only for larger splits
 
 
 class SourceError(ValueError):
@@ -46,11 +58,16 @@ def parse_source(spec: str):
     kind, _, rest = spec.partition(":")
     if kind not in ("npz", "parquet", "tfrecord", "tfds"):
         raise SourceError(f"source {spec!r}: unknown kind {kind!r}")
+    if not rest:
+        raise SourceError(f"source {spec!r}: nothing after {kind}:")
     return kind, rest
 
 
 def match_files(pattern: str) -> List[str]:
-    result = FileSystems.match([pattern])[0]
+    try:
+        result = FileSystems.match([pattern])[0]
+    except Exception as e:  # noqa: BLE001 - e.g. a missing folder raises on some filesystems
+        raise SourceError(f"no files match {pattern!r} ({e})") from e
     files = sorted(m.path for m in result.metadata_list)
     if not files:
         raise SourceError(f"no files match {pattern!r}")
@@ -61,144 +78,406 @@ def _source_name(path: str) -> str:
     return posixpath.basename(path.rstrip("/"))
 
 
+def source_names(files: List[str]) -> List[str]:
+    """Base names, or paths relative to the common folder when base names collide."""
+    names = [_source_name(f) for f in files]
+    if len(set(names)) == len(names):
+        return names
+    prefix = posixpath.commonprefix(files)
+    prefix = prefix[:prefix.rfind("/") + 1]
+    return [f[len(prefix):] for f in files]
+
+
 def _parse_shape(text: str):
-    return tuple(int(s) for s in text.split(",") if s.strip()) if text else None
+    try:
+        shape = tuple(int(s) for s in text.split(",") if s.strip()) if text else None
+    except ValueError as e:
+        raise SourceError(f"--input_shape={text!r}: expected comma-separated ints") from e
+    if shape is not None and (not shape or min(shape) <= 0):
+        raise SourceError(f"--input_shape={text!r}: expected positive ints")
+    return shape
+
+
+def _as_str(values) -> np.ndarray:
+    """1-D str array; bytes (TFRecord / TFDS strings) are decoded as UTF-8."""
+    a = np.asarray(values)
+    if a.dtype.kind == "O" and a.size and isinstance(a.flat[0], (bytes, np.bytes_)):
+        a = a.astype(bytes)
+    if a.dtype.kind == "S":
+        return np.char.decode(a, "utf-8")
+    return a.astype(str)
+
+
+def _tf_message(e) -> str:
+    """A TF error's message without the ``{{function_node ...}}`` / ``[Op:...]`` noise."""
+    text = getattr(e, "message", None) or str(e)
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S).strip()
+
+
+def _check_row_shape(path, x, shape):
+    """Reshapes ``x`` to ``(n,) + shape`` when ``--input_shape`` is given."""
+    if shape is None or tuple(x.shape[1:]) == shape:
+        return x
+    if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+        raise SourceError(f"{path}: examples of shape {tuple(x.shape[1:])} cannot be reshaped "
+                          f"to --input_shape {shape}")
+    return x.reshape((len(x),) + shape)
 
 
 class _ReadFile(beam.DoFn):
-    """Reads one file into blocks; a subclass per format."""
+    """Reads one file (or TFDS shard) into blocks; a subclass per format."""
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.read_counter = beam.metrics.Metrics.counter(NAMESPACE, "examples_read")
+        self.dead_counter = beam.metrics.Metrics.counter(NAMESPACE, "examples_dead_lettered")
 
     def _emit(self, ids, x, y, group, source):
         self.read_counter.inc(len(ids))
         for b in split_rows(ids, x, y, group, self.cfg["block_size"], source):
             yield b
 
+    def _dead(self, source, ids, reasons):
+        """Dead-letters rows (unhappy path only); they count as read."""
+        self.read_counter.inc(len(ids))
+        self.dead_counter.inc(len(ids))
+        for i, r in zip(ids, reasons):
+            yield beam.pvalue.TaggedOutput(DEAD, (source, str(i), str(r)))
+
+    def _keys(self):
+        c = self.cfg
+        return [c["x_key"], c["y_key"]] + [k for k in (c["id_key"], c["group_key"]) if k]
+
 
 class _ReadNpz(_ReadFile):
-    def process(self, path):
+    def process(self, element):
+        path, source = element
         c = self.cfg
         with FileSystems.open(path) as f:
             data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-        for key in (c["x_key"], c["y_key"]):
+        if not hasattr(data, "files"):
+            raise SourceError(f"{path}: not an .npz archive")
+        for key in self._keys():
             if key not in data.files:
                 raise SourceError(f"{path}: array {key!r} missing (has {data.files})")
         x, y = data[c["x_key"]], data[c["y_key"]]
         n = len(x)
-        ids = data[c["id_key"]].astype(str) if c["id_key"] else row_ids(_source_name(path), 0, n)
-        group = data[c["group_key"]].astype(str) if c["group_key"] else None
-        yield from self._emit(ids, x, y, group, _source_name(path))
+        ids = _as_str(data[c["id_key"]]) if c["id_key"] else row_ids(source, 0, n)
+        group = _as_str(data[c["group_key"]]) if c["group_key"] else None
+        for key, arr in ((c["y_key"], y), (c["id_key"], ids), (c["group_key"], group)):
+            if arr is not None and len(arr) != n:
+                raise SourceError(f"{path}: array {key!r} has {len(arr)} rows, "
+                                  f"{c['x_key']!r} has {n}")
+        x = _check_row_shape(path, x, _parse_shape(c["input_shape"]))
+        yield from self._emit(ids, x, y, group, source)
+
+
+def _is_list(t) -> bool:
+    import pyarrow as pa
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_number(t) -> bool:
+    import pyarrow as pa
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def _arrow_str(col) -> np.ndarray:
+    """An Arrow id / group column as a str array (ints as ``"7"``, not ``"7.0"``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        col = pc.cast(col, pa.string())
+    return np.asarray(col.fill_null("").to_numpy(zero_copy_only=False)).astype(str)
 
 
 class _ReadParquet(_ReadFile):
-    def process(self, path):
+    def process(self, element):
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
+        path, source = element
         c = self.cfg
         shape = _parse_shape(c["input_shape"])
-        x_cols = [s for s in c["x_key"].split(",") if s]
+        x_cols = [s.strip() for s in c["x_key"].split(",") if s.strip()]
+        columns = list(dict.fromkeys(
+            x_cols + [c["y_key"]] + [k for k in (c["id_key"], c["group_key"]) if k]))
         with FileSystems.open(path) as f:
             pf = pq.ParquetFile(io.BytesIO(f.read()))
-        names = pf.schema_arrow.names
-        for col in x_cols + [c["y_key"]] + [k for k in (c["id_key"], c["group_key"]) if k]:
-            if col not in names:
-                raise SourceError(f"{path}: column {col!r} missing (has {names})")
+        schema = pf.schema_arrow
+        missing = [k for k in columns if k not in schema.names]
+        if missing:
+            raise SourceError(f"{path}: column(s) {missing} missing (has {schema.names})")
+        list_x = len(x_cols) == 1 and _is_list(schema.field(x_cols[0]).type)
+        want = None
+        if list_x:
+            value_type = schema.field(x_cols[0]).type.value_type
+            if not _is_number(value_type):
+                raise SourceError(f"{path}: column {x_cols[0]!r} is {schema.field(x_cols[0]).type}"
+                                  "; expected a list of numbers (nested lists: flatten them and "
+                                  "pass --input_shape)")
+            if shape:
+                want = int(np.prod(shape))
+            elif pa.types.is_fixed_size_list(schema.field(x_cols[0]).type):
+                want = schema.field(x_cols[0]).type.list_size
+        else:
+            for k in x_cols:
+                if not _is_number(schema.field(k).type):
+                    raise SourceError(f"{path}: column {k!r} is {schema.field(k).type}; expected "
+                                      "numbers (or one list column as --x_key)")
+            if shape and int(np.prod(shape)) != len(x_cols):
+                raise SourceError(f"{path}: --input_shape {shape} has {int(np.prod(shape))} "
+                                  f"values but --x_key names {len(x_cols)} column(s)")
         start = 0
-        source = _source_name(path)
-        for batch in pf.iter_batches(batch_size=max(c["block_size"], 1024)):
+        for batch in pf.iter_batches(batch_size=max(c["block_size"], 1024), columns=columns):
             n = batch.num_rows
-            ids = (batch.column(c["id_key"]).to_numpy(zero_copy_only=False).astype(str)
-                   if c["id_key"] else row_ids(source, start, n))
+            if not n:
+                continue
+            fallback = row_ids(source, start, n)
             start += n
-            y = batch.column(c["y_key"]).to_numpy(zero_copy_only=False)
-            group = (batch.column(c["group_key"]).to_numpy(zero_copy_only=False).astype(str)
-                     if c["group_key"] else None)
-            if len(x_cols) == 1 and hasattr(batch.column(x_cols[0]).type, "value_type"):
-                col = batch.column(x_cols[0])
-                lengths = np.asarray(col.value_lengths().fill_null(0))
-                want = int(np.prod(shape)) if shape else int(np.bincount(lengths).argmax())
-                ok = lengths == want
-                if not ok.all():
-                    for i in np.nonzero(~ok)[0]:
-                        yield beam.pvalue.TaggedOutput(DEAD, (source, ids[i], (
-                            f"feature length {lengths[i]} != {want}")))
-                col = col.filter(__import__("pyarrow").array(ok))
-                ids, y = ids[ok], y[ok]
-                group = None if group is None else group[ok]
-                x = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-                x = x.reshape((len(ids),) + (shape or (want,)))
+            # Rows to dead-letter: a null id / label / group, or a feature list of wrong length.
+            reasons = np.full(n, "", dtype=object)
+            if c["id_key"]:
+                id_col = batch.column(c["id_key"])
+                ids = _arrow_str(id_col)
+                if id_col.null_count:
+                    null = np.asarray(id_col.is_null())
+                    ids = np.where(null, fallback, ids)
+                    reasons[null] = f"missing id ({c['id_key']!r} is null)"
             else:
-                x = np.stack([batch.column(k).to_numpy(zero_copy_only=False).astype(np.float32)
-                              for k in x_cols], axis=1)
+                ids = fallback
+            for key, what in ((c["y_key"], "label"), (c["group_key"], "group")):
+                col = batch.column(key) if key else None
+                if col is not None and col.null_count:
+                    null = np.asarray(col.is_null()) & (reasons == "")
+                    reasons[null] = f"missing {what} ({key!r} is null)"
+            if list_x:
+                col = batch.column(x_cols[0])
+                lengths = np.asarray(pc.list_value_length(col).fill_null(-1))
+                if want is None:  # no --input_shape: the most common length of the first batch
+                    valid = lengths[lengths >= 0]
+                    want = int(np.bincount(valid).argmax()) if len(valid) else None
+                bad = (lengths != want) & (reasons == "")
+                if bad.any():
+                    reasons[bad] = np.where(
+                        lengths[bad] < 0, f"feature list {x_cols[0]!r} is null",
+                        np.char.add(np.char.add(f"feature list {x_cols[0]!r} has length ",
+                                                lengths[bad].astype(str)), f", expected {want}"))
+            dead = reasons != ""
+            if dead.any():
+                yield from self._dead(source, ids[dead], reasons[dead])
+                keep = ~dead
+                batch = batch.filter(pa.array(keep))
+                ids = ids[keep]
+                if not batch.num_rows:
+                    continue
+            m = batch.num_rows
+            y = batch.column(c["y_key"]).to_numpy(zero_copy_only=False)
+            group = _arrow_str(batch.column(c["group_key"])) if c["group_key"] else None
+            if list_x:
+                values = batch.column(x_cols[0]).flatten()  # honours slice offsets
+                x = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
+                x = x.reshape((m,) + (shape or (want,)))
+            else:
+                # Nulls become NaN here and are dead-lettered by ValidateBlocks.
+                x = np.stack([np.asarray(batch.column(k).to_numpy(zero_copy_only=False),
+                                         dtype=np.float32) for k in x_cols], axis=1)
                 if shape:
-                    x = x.reshape((n,) + shape)
+                    x = x.reshape((m,) + shape)
             yield from self._emit(ids, x, y, group, source)
 
 
+def parse_feature_spec(cfg: dict):
+    """``--feature_spec`` JSON -> {key: (shape, dtype name)}, checked against the keys."""
+    text = cfg["feature_spec"]
+    if not text:
+        raise SourceError("tfrecord sources need --feature_spec (JSON), e.g. "
+                          '{"x": [[8], "float32"], "y": [[], "int64"]}')
+    try:
+        raw = json.loads(text)
+        spec = {str(k): (tuple(int(d) for d in shape), str(dtype))
+                for k, (shape, dtype) in raw.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise SourceError(f"--feature_spec {text!r}: expected JSON "
+                          '{"key": [[dims...], "dtype"], ...}') from e
+    for key, (_, dtype) in spec.items():
+        if dtype not in ("float32", "int64", "string"):
+            raise SourceError(f"--feature_spec: {key!r} has dtype {dtype!r}; tf.train.Example "
+                              "holds float32, int64 or string")
+    keys = [cfg["x_key"], cfg["y_key"]] + [k for k in (cfg["id_key"], cfg["group_key"]) if k]
+    missing = [k for k in keys if k not in spec]
+    if missing:
+        raise SourceError(f"--feature_spec has no entry for {missing} (has {sorted(spec)})")
+    return spec
+
+
 class _ReadTFRecord(_ReadFile):
-    def process(self, path):
+    def process(self, element):
+        path, source = element
         from influence_ops import tf_setup
         tf = tf_setup.tensorflow()
         c = self.cfg
-        if not c["feature_spec"]:
-            raise SourceError("tfrecord sources need --feature_spec (JSON)")
-        spec = {}
-        for key, (shape, dtype) in json.loads(c["feature_spec"]).items():
-            spec[key] = tf.io.FixedLenFeature(shape, getattr(tf, dtype))
-        local = path
+        spec = {k: tf.io.FixedLenFeature(shape, getattr(tf, dtype))
+                for k, (shape, dtype) in parse_feature_spec(c).items()}
+        compression = ("GZIP" if path.endswith(".gz") else
+                       "ZLIB" if path.endswith(".zlib") else "")
+        local, tmp = path, None
         if "://" in path:
-            fd, local = tempfile.mkstemp(suffix=".tfrecord")
-            with os.fdopen(fd, "wb") as out, FileSystems.open(path) as src:
+            fd, tmp = tempfile.mkstemp(suffix=".tfrecord")
+            with os.fdopen(fd, "wb") as out, FileSystems.open(
+                    path, compression_type=CompressionTypes.UNCOMPRESSED) as src:
                 out.write(src.read())
-        ds = tf.data.TFRecordDataset(local).batch(c["block_size"]).map(
-            lambda r: tf.io.parse_example(r, spec))
-        start = 0
-        source = _source_name(path)
+            local = tmp
         try:
-            for rec in ds.as_numpy_iterator():
-                n = len(rec[c["x_key"]])
-                ids = (rec[c["id_key"]].astype(str) if c["id_key"]
-                       else row_ids(source, start, n))
+            yield from self._read(tf, path, local, source, spec, compression)
+        finally:
+            if tmp:
+                os.remove(tmp)
+
+    def _read(self, tf, path, local, source, spec, compression):
+        c = self.cfg
+        shape = _parse_shape(c["input_shape"])
+        ds = tf.data.TFRecordDataset(local, compression_type=compression).batch(c["block_size"])
+        start = 0
+        try:
+            for raw in ds:
+                n = int(raw.shape[0])
+                fallback = row_ids(source, start, n)
+                try:
+                    rec = tf.io.parse_example(raw, spec)
+                    rec = {k: v.numpy() for k, v in rec.items()}
+                    ok = None
+                except tf.errors.InvalidArgumentError as e:
+                    rec, ok, reasons = self._parse_each(tf, raw, spec)
+                    if start == 0 and not ok.any():  # a whole first batch: the spec is wrong
+                        raise SourceError(f"{path}: cannot parse records with --feature_spec: "
+                                          f"{_tf_message(e)}") from None
                 start += n
-                group = rec[c["group_key"]].astype(str) if c["group_key"] else None
-                yield from self._emit(ids, rec[c["x_key"]], rec[c["y_key"]], group, source)
+                if ok is not None:
+                    bad_ids = fallback[~ok]
+                    if c["id_key"]:  # the record's id where it parsed, else the row index
+                        bad_ids = np.array([self._id_of(tf, raw[i], spec) or fallback[i]
+                                            for i in np.nonzero(~ok)[0]], dtype=str)
+                    yield from self._dead(source, bad_ids, reasons[~ok])
+                    fallback = fallback[ok]
+                    if not ok.any():
+                        continue
+                ids = _as_str(rec[c["id_key"]]).reshape(-1) if c["id_key"] else fallback
+                group = _as_str(rec[c["group_key"]]).reshape(-1) if c["group_key"] else None
+                x = _check_row_shape(path, rec[c["x_key"]], shape)
+                yield from self._emit(ids, x, rec[c["y_key"]], group, source)
         except tf.errors.DataLossError as e:
-            raise SourceError(f"{path}: corrupt TFRecord file ({e.message})") from e
+            raise SourceError(f"{path}: corrupt TFRecord file ({_tf_message(e)})") from e
+
+    def _parse_each(self, tf, raw, spec):
+        """Unhappy path: parses record by record, returning the good rows and the reasons."""
+        n = int(raw.shape[0])
+        ok = np.zeros(n, dtype=bool)
+        reasons = np.full(n, "", dtype=object)
+        good = []
+        for i in range(n):
+            try:
+                good.append(tf.io.parse_single_example(raw[i], spec))
+                ok[i] = True
+            except tf.errors.InvalidArgumentError as e:
+                reasons[i] = f"unparseable record: {_tf_message(e)}"
+        rec = ({k: np.stack([g[k].numpy() for g in good]) for k in spec} if good else {})
+        return rec, ok, reasons
+
+    def _id_of(self, tf, record, spec):
+        key = self.cfg["id_key"]
+        try:
+            v = tf.io.parse_single_example(record, {key: spec[key]})[key].numpy()
+            return str(_as_str(np.reshape(v, -1))[0])
+        except Exception:  # noqa: BLE001 - best effort, for the dead-letter row only
+            return None
+
+
+def _split_tfds_spec(spec: str):
+    """``NAME[/CONFIG][:VERSION]/SPLIT`` -> (name, split); a bare NAME reads ``train``."""
+    if "/" not in spec:
+        return spec, "train"
+    name, _, split = spec.rpartition("/")
+    return name, split or "train"
+
+
+def _tfds_builder(name: str, data_dir: str):
+    import tensorflow_datasets as tfds
+    return tfds.builder(name, data_dir=data_dir or None, try_gcs=False)
+
+
+def tfds_shards(spec: str, data_dir: str, keys=(), n_shards: int = TFDS_MIN_SHARDS):
+    """``[(name, split, start, stop)]``: contiguous ranges of the split(s) in ``spec``.
+
+    Opens only an already prepared dataset under ``data_dir``; never downloads.
+    """
+    import tensorflow_datasets as tfds
+    name, split = _split_tfds_spec(spec)
+    where = f"data_dir={data_dir!r}" if data_dir else "the default TFDS data_dir"
+    try:
+        from tensorflow_datasets.core import naming
+        namespace = naming.parse_builder_name_kwargs(name)[0].namespace
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"tfds:{spec}: cannot parse the dataset name {name!r}: {e}") from e
+    if namespace:  # community / Hugging Face datasets would be fetched from the network
+        raise SourceError(f"tfds:{spec}: namespaced datasets ({namespace}:) are not supported; "
+                          "prepare the dataset locally and pass --tfds_data_dir")
+    try:
+        builder = _tfds_builder(name, data_dir)
+        splits = builder.info.splits
+        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+    except Exception as e:  # noqa: BLE001 - TFDS raises many kinds; name the dataset
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise SourceError(f"tfds:{spec}: cannot open a prepared dataset {name!r} split "
+                          f"{split!r} in {where} (this pipeline never downloads; prepare it "
+                          f"first): {type(e).__name__}: {first}") from e
+    features = builder.info.features
+    names = list(features.keys()) if hasattr(features, "keys") else []
+    missing = [k for k in keys if k and k not in names]
+    if missing:
+        raise SourceError(f"tfds:{spec} in {where}: feature(s) {missing} missing (has {names})")
+    shards = []
+    for ins in instructions:
+        a = int(ins.from_ or 0)
+        b = int(splits[ins.splitname].num_examples if ins.to is None else ins.to)
+        k = min(max(n_shards, math.ceil((b - a) / TFDS_SHARD_EXAMPLES)), max(b - a, 1))
+        bounds = np.linspace(a, b, k + 1).astype(int)
+        shards += [(name, ins.splitname, int(lo), int(hi))
+                   for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    return shards
 
 
 class _ReadTfdsShard(_ReadFile):
+    def setup(self):
+        self._builders = {}
+
     def process(self, shard):
         import tensorflow_datasets as tfds
         name, split, a, b = shard
         c = self.cfg
-        builder = tfds.builder(name, data_dir=c["tfds_data_dir"] or None)
-        ds = builder.as_dataset(split=f"{split}[{a}:{b}]", shuffle_files=False)
-        ds = ds.batch(c["block_size"])
+        builder = self._builders.get(name)
+        if builder is None:
+            builder = self._builders[name] = _tfds_builder(name, c["tfds_data_dir"])
+        # interleave_cycle_length=1 reads the split's files one after another, so that row
+        # a + k of "split[a:b]" is row a + k of the whole split, whatever the sharding.
+        read_config = tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False)
+        ds = builder.as_dataset(split=f"{split}[{a}:{b}]", shuffle_files=False,
+                                read_config=read_config).batch(c["block_size"])
+        shape = _parse_shape(c["input_shape"])
         start = a
         source = f"{name}/{split}"
         for rec in ds.as_numpy_iterator():
             n = len(rec[c["x_key"]])
-            ids = (np.asarray(rec[c["id_key"]]).astype(str) if c["id_key"]
+            ids = (_as_str(rec[c["id_key"]]).reshape(-1) if c["id_key"]
                    else row_ids(source, start, n))
             start += n
-            group = np.asarray(rec[c["group_key"]]).astype(str) if c["group_key"] else None
-            yield from self._emit(ids, rec[c["x_key"]], rec[c["y_key"]], group, source)
-
-
-def tfds_shards(spec: str, data_dir: str, n_shards: int = 8):
-    import tensorflow_datasets as tfds
-    name, _, split = spec.partition("/")
-    split = split or "train"
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
-        n = builder.info.splits[split].num_examples
-    except Exception as e:  # noqa: BLE001 - TFDS raises many kinds; name the dataset
-        raise SourceError(f"tfds:{spec}: cannot open a prepared dataset in data_dir="
-                          f"{data_dir!r} (this pipeline never downloads): {e}") from e
-    bounds = np.linspace(0, n, min(n_shards, max(n, 1)) + 1).astype(int)
-    return [(name, split, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+            group = _as_str(rec[c["group_key"]]).reshape(-1) if c["group_key"] else None
+            x = _check_row_shape(source, rec[c["x_key"]], shape)
+            yield from self._emit(ids, x, rec[c["y_key"]], group, source)
+        if start != b:
+            raise SourceError(f"tfds:{name}/{split}[{a}:{b}]: read {start - a} examples, "
+                              f"expected {b - a}")
 
 
 class ValidateBlocks(beam.DoFn):
@@ -222,7 +501,10 @@ class ValidateBlocks(beam.DoFn):
 
 
 class ReadExamples(beam.PTransform):
-    """``PBegin -> (blocks, dead)``: blocks of examples and dead-letter rows (source, id, error)."""
+    """``PBegin -> (blocks, dead)``: blocks of examples and dead-letter rows (source, id, error).
+
+    Sources are matched / opened at construction, so a bad spec fails early and clearly.
+    """
 
     def __init__(self, spec: str, opts, role: str = "train"):
         super().__init__()
@@ -233,10 +515,17 @@ class ReadExamples(beam.PTransform):
             "tfds_data_dir", "block_size")}
         if role == "query":
             self.cfg["group_key"] = ""
+        if not self.cfg["block_size"] or self.cfg["block_size"] < 1:
+            raise SourceError(f"--block_size={self.cfg['block_size']}: must be >= 1")
+        _parse_shape(self.cfg["input_shape"])
+        if self.kind == "tfrecord":
+            parse_feature_spec(self.cfg)
         if self.kind != "tfds":
-            self.files = match_files(self.rest)  # fail at construction: clear, early error
+            files = match_files(self.rest)  # fail at construction: clear, early error
+            self.files = list(zip(files, source_names(files)))
         else:
-            self.shards = tfds_shards(self.rest, self.cfg["tfds_data_dir"])
+            keys = [self.cfg[k] for k in ("x_key", "y_key", "id_key", "group_key")]
+            self.shards = tfds_shards(self.rest, self.cfg["tfds_data_dir"], keys)
 
     def expand(self, pbegin):
         if self.kind == "tfds":
