@@ -145,21 +145,40 @@ def build(p: beam.Pipeline, opts: InfluenceOptions, label_spec=None) -> None:
 
 
 def _metrics(result) -> dict:
+    """Counters and distributions of our namespace, merged over the steps that report them.
+
+    Runners differ: the local runners report ``committed`` values, Flink and Spark only
+    ``attempted`` ones, so we take committed when present and attempted otherwise.
+    """
     out = {"counters": {}, "distributions": {}}
     try:
         res = result.metrics().query(MetricsFilter().with_namespace(stages.NAMESPACE))
     except Exception as e:  # noqa: BLE001 - some runners cannot report metrics
         log.warning("metrics unavailable from this runner: %s", e)
         return out
+
+    def value(m):
+        return m.committed if m.committed is not None else m.attempted
+
     for c in res.get("counters", []):
         name = c.key.metric.name
-        out["counters"][name] = out["counters"].get(name, 0) + int(c.committed or 0)
+        out["counters"][name] = out["counters"].get(name, 0) + int(value(c) or 0)
     for d in res.get("distributions", []):
-        v = d.committed
+        v = value(d)
         if v is None or not v.count:
             continue
-        out["distributions"][d.key.metric.name] = {
-            "count": v.count, "sum": v.sum, "min": v.min, "max": v.max, "mean": v.mean}
+        name = d.key.metric.name
+        acc = out["distributions"].get(name)
+        if acc is None:
+            out["distributions"][name] = {"count": v.count, "sum": v.sum, "min": v.min,
+                                          "max": v.max}
+        else:
+            acc["count"] += v.count
+            acc["sum"] += v.sum
+            acc["min"] = min(acc["min"], v.min)
+            acc["max"] = max(acc["max"], v.max)
+    for acc in out["distributions"].values():
+        acc["mean"] = acc["sum"] / acc["count"]
     return out
 
 
