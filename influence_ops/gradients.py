@@ -4,10 +4,17 @@ All functions take numpy inputs, run compiled TensorFlow functions over mini-bat
 ``batch_size`` rows and return numpy arrays in the model's dtype (float32 for ordinary models,
 float64 for the exact-oracle tests). None loops over examples in Python:
 
-* :func:`per_example_gradients` ``(n, d)``: ``tf.vectorized_map`` over the batch, each lane a
-  ``GradientTape`` through the head only; pfor turns it into batched ops.
+* :func:`per_example_gradients` ``(n, d)``. Fast path (sequential heads whose target layers are
+  Dense or Conv2D): one batched forward and ONE batched backward to each target layer's
+  pre-activations ``z`` give the per-example signals ``delta_i = dl_i/dz_i`` (rows are
+  independent: the summed loss is a sum of per-example losses and inference-mode layers do not
+  mix examples); then Dense: ``g_W[i] = a_i (outer) delta_i``, Conv2D:
+  ``g_W[i] = sum_p patch_ip (outer) delta_ip`` (``extract_patches`` + a batched matmul). General
+  path: ``tf.vectorized_map`` over the batch, each lane a ``GradientTape`` through the head
+  (pfor turns it into batched ops, but falls back to a per-example loop for conv filters).
 * :func:`projected_gradients` ``(n, k)``: per-example gradients times a ``(d, k)`` matrix, fused in
-  one compiled function so the ``(n, d)`` gradients never leave it.
+  one compiled function. For Dense layers the projection is factored,
+  ``g_W[i] . P = sum_o delta_io (a_i^T P_W)_o``, so the ``(n, d)`` block is never built.
 * :func:`hessian_vector_products` ``(m, d)``: forward-over-backward (a ``ForwardAccumulator``
   around a ``GradientTape``) of the mean loss over a data set, plus ``l2 * v``.
 * :func:`directional_derivatives` ``(n, k)``: JVPs ``<g_i, v_j>`` along k directions, forward mode,
@@ -49,6 +56,114 @@ def _cast_x(imodel, x):
     return x
 
 
+def _fast_path_layers(imodel: InfluenceModel):
+    """Target layers if every one allows the per-layer formulas, else None."""
+    import keras
+    if imodel._head_layers is None:
+        return None
+    for layer in imodel.target_layers:
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return None
+        expect = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+        if [id(w) for w in layer.trainable_weights] != [id(w) for w in expect]:
+            return None
+        if type(layer) is keras.layers.Dense:
+            if len(layer.kernel.shape) != 2:
+                return None
+        elif type(layer) is keras.layers.Conv2D:
+            if (layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1)
+                    or layer.groups != 1 or layer.padding not in ("valid", "same")):
+                return None
+        else:
+            return None
+    return imodel.target_layers
+
+
+def _forward_with_preactivations(imodel: InfluenceModel, x):
+    """Head forward exposing ``(layer, input a, pre-activation z)`` for each target layer."""
+    import keras
+    targets = {id(l) for l in imodel.target_layers}
+    h, records = imodel.front(x), []
+    for layer in imodel._head_layers:
+        if id(layer) not in targets:
+            h = layer(h, training=False)
+            continue
+        if type(layer) is keras.layers.Dense:
+            z = tf.matmul(h, layer.kernel.value)
+        else:
+            z = tf.nn.conv2d(h, layer.kernel.value, strides=layer.strides,
+                             padding=layer.padding.upper())
+        if layer.use_bias:
+            z = z + layer.bias.value
+        records.append((layer, h, z))
+        h = layer.activation(z)
+    return h, records
+
+
+def _per_layer_signals(imodel: InfluenceModel, x, y):
+    with tf.GradientTape() as tape:
+        out, records = _forward_with_preactivations(imodel, x)
+        zs = [z for _, _, z in records]
+        tape.watch(zs)
+        loss = tf.reduce_sum(imodel.per_example_loss(y, out))
+    return records, tape.gradient(loss, zs)
+
+
+def _conv_patch_grads(layer, a, dz):
+    """Per-example conv kernel gradients ``(B, kh*kw*cin, cout)``."""
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    patches = tf.image.extract_patches(a, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
+                                       rates=[1, 1, 1, 1], padding=layer.padding.upper())
+    b = tf.shape(a)[0]
+    kdim, cout = patches.shape[-1], dz.shape[-1]
+    return tf.matmul(tf.reshape(patches, [b, -1, kdim]), tf.reshape(dz, [b, -1, cout]),
+                     transpose_a=True)
+
+
+def _per_layer_blocks(imodel: InfluenceModel, x, y):
+    """Per-example gradient blocks in the flattening order of ``imodel._tf_vars``."""
+    import keras
+    records, deltas = _per_layer_signals(imodel, x, y)
+    b, blocks = tf.shape(x)[0], []
+    for (layer, a, _), dz in zip(records, deltas):
+        if type(layer) is keras.layers.Dense:
+            blocks.append(tf.reshape(a[:, :, None] * dz[:, None, :], [b, -1]))
+            bias = dz
+        else:
+            blocks.append(tf.reshape(_conv_patch_grads(layer, a, dz), [b, -1]))
+            bias = tf.reduce_sum(dz, axis=[1, 2])
+        if layer.use_bias:
+            blocks.append(bias)
+    return blocks
+
+
+def _per_layer_projection(imodel: InfluenceModel, x, y, P):
+    """``per_example_gradients @ P`` without building the ``(B, d)`` block for Dense layers."""
+    import keras
+    records, deltas = _per_layer_signals(imodel, x, y)
+    b, k = tf.shape(x)[0], tf.shape(P)[1]
+    acc, off = None, 0
+    for (layer, a, _), dz in zip(records, deltas):
+        ksize = int(np.prod(layer.kernel.shape))
+        pk = P[off:off + ksize]
+        off += ksize
+        if type(layer) is keras.layers.Dense:
+            n_in, n_out = layer.kernel.shape
+            t = tf.reshape(tf.matmul(a, tf.reshape(pk, [n_in, n_out * k])), [b, n_out, k])
+            term = tf.einsum("bo,bok->bk", dz, t)
+            db = dz
+        else:
+            term = tf.matmul(tf.reshape(_conv_patch_grads(layer, a, dz), [b, -1]), pk)
+            db = tf.reduce_sum(dz, axis=[1, 2])
+        if layer.use_bias:
+            nb = layer.bias.shape[0]
+            term = term + tf.matmul(db, P[off:off + nb])
+            off += nb
+        acc = term if acc is None else acc + term
+    return acc
+
+
 def _per_example_grad_fn(imodel: InfluenceModel):
     def build():
         def one(args):
@@ -60,10 +175,15 @@ def _per_example_grad_fn(imodel: InfluenceModel):
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return imodel.flatten(grads)
 
-        @tf.function(reduce_retracing=True)
-        def fn(x, y):
-            h = imodel.front(x)
-            return tf.vectorized_map(one, (h, y))
+        if _fast_path_layers(imodel) is not None:
+            @tf.function(reduce_retracing=True)
+            def fn(x, y):
+                return tf.concat(_per_layer_blocks(imodel, x, y), axis=1)
+        else:
+            @tf.function(reduce_retracing=True)
+            def fn(x, y):
+                h = imodel.front(x)
+                return tf.vectorized_map(one, (h, y))
         return fn
     return _cached(imodel, "pe_grad", build)
 
@@ -76,7 +196,7 @@ def per_example_gradients(imodel: InfluenceModel, x, y, batch_size: int = DEFAUL
     fn = _per_example_grad_fn(imodel)
     out = np.empty((len(x), imodel.n_params), dtype=imodel.dtype.as_numpy_dtype)
     for s in _batches(len(x), batch_size):
-        out[s] = fn(x[s], y[s]).numpy()
+        out[s] = np.asarray(fn(x[s], y[s]))  # a view: .numpy() would copy once more
     return out
 
 
@@ -93,14 +213,19 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
     grad_fn = _per_example_grad_fn(imodel)
 
     def build():
-        @tf.function(reduce_retracing=True)
-        def fn(xb, yb, p):
-            return tf.matmul(grad_fn(xb, yb), p)
+        if _fast_path_layers(imodel) is not None:
+            @tf.function(reduce_retracing=True)
+            def fn(xb, yb, p):
+                return _per_layer_projection(imodel, xb, yb, p)
+        else:
+            @tf.function(reduce_retracing=True)
+            def fn(xb, yb, p):
+                return tf.matmul(grad_fn(xb, yb), p)
         return fn
     fn = _cached(imodel, "pe_proj", build)
     out = np.empty((len(x), proj.shape[1]), dtype=imodel.dtype.as_numpy_dtype)
     for s in _batches(len(x), batch_size):
-        out[s] = fn(x[s], y[s], proj).numpy()
+        out[s] = np.asarray(fn(x[s], y[s], proj))
     return out
 
 
@@ -225,10 +350,14 @@ def directional_derivatives(imodel: InfluenceModel, x, y, directions: np.ndarray
                             batch_size: int = DEFAULT_BATCH) -> np.ndarray:
     """``<grad l(z_i), v_j>`` for k directions ``(k, d)``; returns ``(n, k)``.
 
-    Forward mode (one JVP of the per-example loss vector per direction): cost ~k forward passes
-    of the head, no ``(n, d)`` gradient matrix. Wins over :func:`projected_gradients` when d is
-    large and k small.
+    Fast-path models use the factored per-layer projection (all k directions in one pass).
+    Otherwise forward mode: one JVP of the per-example loss vector per direction (~k forward
+    passes of the head, no ``(n, d)`` gradient matrix); measured slower than
+    :func:`projected_gradients` at k = 32 (benchmarks/), so it only pays for very small k.
     """
+    if _fast_path_layers(imodel) is not None:
+        # Same numbers, cheaper: the factored per-layer projection handles all k at once.
+        return projected_gradients(imodel, x, y, np.atleast_2d(directions).T, batch_size)
     x = _cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
     dirs = tf.constant(np.atleast_2d(np.asarray(directions, imodel.dtype.as_numpy_dtype)))
