@@ -97,11 +97,23 @@ class InfluenceCalculator:
         x, y = as_arrays(train)
         return self.method.self_influence(x, y)
 
-    def top_k(self, queries, train, k: int = 10, train_ids=None, query_ids=None) -> dict:
-        """Proponents (largest scores) and opponents (smallest) per query, ties by id."""
-        scores = self.influence(queries, train, query_ids)
-        ids = default_ids(scores.shape[1]) if train_ids is None else np.asarray(train_ids)
-        return topk_lib.top_k(scores, ids, k)
+    def top_k(self, queries, train, k: int = 10, train_ids=None, query_ids=None,
+              block_size: int = 4096) -> dict:
+        """Proponents (largest scores) and opponents (smallest) per query, ties by id.
+
+        Streams over the training set in blocks of ``block_size`` with a
+        :class:`TopKAccumulator`, so memory is ``O(m * (k + block_size))``, not ``O(m * n)``.
+        """
+        qx, qy = as_arrays(queries)
+        x, y = as_arrays(train)
+        ids = default_ids(len(x)) if train_ids is None else np.asarray(train_ids)
+        q = self.method.query_features(qx, qy, query_ids).astype(np.float64)
+        acc = topk_lib.TopKAccumulator(k=k, n_queries=len(q))
+        for start in range(0, len(x), block_size):
+            s = slice(start, start + block_size)
+            t = self.method.train_features(x[s], y[s]).astype(np.float64)
+            acc.add(q @ t.T, ids[s])
+        return acc.extract()
 
     def influence_vectors(self, train) -> np.ndarray:
         if not isinstance(self.method, M.FirstOrderInfluence):

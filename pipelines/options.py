@@ -77,8 +77,10 @@ class InfluenceOptions(PipelineOptions):
                        help="TracIn: random projection size per checkpoint (0 = none)")
         g.add_argument("--rps_lambda", type=float, default=1e-3, help="RPS-L2: L2 of the surrogate")
         g.add_argument("--lje_step", type=float, default=1e-4, help="RPS-LJE: ascent step size")
-        g.add_argument("--fit_sample_size", type=int, default=0,
-                       help="examples the fit (reduce) step uses; 0 = all of them")
+        g.add_argument("--fit_sample_size", type=int, default=50000,
+                       help="examples the fit (reduce) step gathers on one worker (a "
+                            "deterministic sample by id hash); 0 = all of them. The exact "
+                            "solver always sums the Hessian over all examples")
         g.add_argument("--seed", type=int, default=0)
 
         g = parser.add_argument_group("output")

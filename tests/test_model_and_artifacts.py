@@ -127,3 +127,16 @@ def test_topk_parquet(tmp_path, small):
     first = t.filter((t["rank"].to_numpy() == 1) & (t["kind"].to_numpy(zero_copy_only=False)
                                                     == "proponent"))
     np.testing.assert_allclose(first["score"].to_numpy(), scores.max(axis=1))
+
+
+def test_streaming_top_k_equals_full_matrix(small):
+    from influence_ops import top_k
+    from influence_ops.api import default_ids
+    model, x, y, xq, yq = small
+    calc = InfluenceCalculator(model, solver="exact").fit((x, y))
+    full = top_k(calc.influence((xq, yq), (x, y)), default_ids(len(x)), 5)
+    streamed = calc.top_k((xq, yq), (x, y), k=5, block_size=7)
+    for key in ("pro_ids", "opp_ids"):
+        np.testing.assert_array_equal(streamed[key], full[key])
+    for key in ("pro_scores", "opp_scores"):
+        np.testing.assert_allclose(streamed[key], full[key], rtol=1e-10)
