@@ -38,7 +38,7 @@ def library_versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def save_method(method: M.InfluenceMethod, directory: str) -> str:
+def save_method(method: M.InfluenceMethod, directory: str, extra: dict = None) -> str:
     """Writes the artifact; the manifest goes last so a reader never sees half an artifact."""
     method._check_fitted()
     if isinstance(method, M.TracIn) and any(p is None for p in method.checkpoint_paths):
@@ -60,6 +60,8 @@ def save_method(method: M.InfluenceMethod, directory: str) -> str:
         "versions": library_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
+    if extra:
+        manifest.update(extra)
     storage.write_text(storage.join(directory, MANIFEST), json.dumps(manifest, indent=2,
                                                                      sort_keys=True))
     return directory

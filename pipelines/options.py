@@ -15,6 +15,17 @@ METHODS = ("influence", "relatif", "tracin", "rps_l2", "rps_lje")
 SOLVERS = ("arnoldi", "exact", "cg", "lissa")
 
 
+def _flag(text) -> bool:
+    """On/off options accept ``--name`` and ``--name=true|false`` (Flex Template parameters
+    always arrive as ``--name=value``; an empty value means off)."""
+    v = str(text).strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 class InfluenceOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -85,14 +96,14 @@ class InfluenceOptions(PipelineOptions):
 
         g = parser.add_argument_group("output")
         g.add_argument("--output", help="output directory (local or gs://)")
-        g.add_argument("--overwrite", action="store_true",
+        g.add_argument("--overwrite", type=_flag, nargs="?", const=True, default=False,
                        help="replace an existing result at --output (otherwise refuse)")
         g.add_argument("--k", type=int, default=10, help="proponents and opponents per query")
         g.add_argument("--group_order", type=int, default=1, choices=(1, 2),
                        help="group influence order when --group_key is set")
-        g.add_argument("--write_pairwise", action="store_true",
+        g.add_argument("--write_pairwise", type=_flag, nargs="?", const=True, default=False,
                        help="also write every (query, train) score (small problems only)")
-        g.add_argument("--write_features", action="store_true",
+        g.add_argument("--write_features", type=_flag, nargs="?", const=True, default=False,
                        help="also write the feature vectors (for your own nearest-neighbour search)")
         g.add_argument("--batch_size", type=int, default=256,
                        help="examples per TensorFlow call on workers")

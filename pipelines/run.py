@@ -1,4 +1,7 @@
-"""Builds and runs the influence job; writes the run manifest and the success marker last.
+"""Builds and runs the influence job. The job finalises itself: its last step waits for every
+table to be written, reads the Parquet footers back, checks that every example is accounted
+for, writes ``run_manifest.json`` and then ``_SUCCESS``. So the marker is written last on every
+runner, also when the launcher does not wait for the job (Dataflow flex templates).
 
 Output layout under ``--output``::
 
@@ -9,8 +12,9 @@ Output layout under ``--output``::
     features/            example_id, label, role, features            (--write_features)
     groups/, group_self/ group influence                              (--group_key)
     dead_letter/         source, example_id, error                    (rows that were rejected)
-    run_manifest.json    method, options, versions, counters, timings, row counts
+    run_manifest.json    method, options, versions, counts, stage timings, row counts
     _SUCCESS             written last: a reader that sees it sees a whole result
+    run_metrics.json     Beam metrics, written by a launcher that waited for the job
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pipelines.read import ReadExamples
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 MANIFEST = "run_manifest.json"
+METRICS = "run_metrics.json"
 TABLES = ("topk", "self_influence", "pairwise", "features", "groups", "group_self", "dead_letter")
 
 
@@ -66,7 +71,7 @@ def validate(opts: InfluenceOptions) -> None:
 
 def prepare_output(output: str, overwrite: bool) -> None:
     """Refuses to mix a new result into an old one unless --overwrite (then deletes it first)."""
-    existing = [t for t in TABLES + ("artifact", MANIFEST, SUCCESS)
+    existing = [t for t in TABLES + ("artifact", MANIFEST, METRICS, SUCCESS)
                 if FileSystems.exists(_join(output, t))]
     if not existing:
         return
@@ -81,7 +86,8 @@ def prepare_output(output: str, overwrite: bool) -> None:
     FileSystems.delete([_join(output, t) for t in existing if t != SUCCESS])
 
 
-def _write(tables, output: str, name: str, schema):
+def _write(tables, output: str, name: str, schema=None):
+    """Writes a PCollection of pyarrow tables; returns the final file names (a PCollection)."""
     return tables | f"Write_{name}" >> beam.io.parquetio.WriteToParquetBatched(
         _join(output, name, "part"), schema=schema, file_name_suffix=".parquet")
 
@@ -94,54 +100,191 @@ def _dead_table(rows):
                      "error": [r[2] for r in rows]}, schema=schemas.DEAD_LETTER_SCHEMA)
 
 
-def build(p: beam.Pipeline, opts: InfluenceOptions, label_spec=None) -> None:
-    """Adds the job's stages to ``p``. ``label_spec``: ``(label_mode, n_outputs)`` of the model
-    (from ``stages.label_spec``); rows with labels that do not fit are dead-lettered."""
+def _total(pcoll, label: str, size=len):
+    """``sum(size(element))`` as a one-element PCollection (0 when empty)."""
+    return (pcoll | f"Size{label}" >> beam.Map(size)
+            | f"Sum{label}" >> beam.CombineGlobally(sum))
+
+
+def _rows(table):
+    return table.num_rows
+
+
+def build(p: beam.Pipeline, opts: InfluenceOptions, label_spec=None,
+          run_options: Optional[dict] = None) -> None:
+    """Adds the job's stages to ``p``, finalisation included.
+
+    ``label_spec``: ``(label_mode, n_outputs)`` of the model (from ``stages.label_spec``); rows
+    whose labels do not fit are dead-lettered. ``run_options``: the JSON-able options recorded
+    in the run manifest.
+    """
     from influence_ops import schemas
     cfg = stages.model_config(opts)
     out = opts.output
     if label_spec is None:
         label_spec = stages.label_spec(stages.build_imodel(cfg))
-    train, dead_train = p | "ReadTrain" >> ReadExamples(opts.train, opts, "train")
-    queries, dead_query = p | "ReadQueries" >> ReadExamples(opts.queries, opts, "query")
+    train, dead_read_t = p | "ReadTrain" >> ReadExamples(opts.train, opts, "train")
+    queries, dead_read_q = p | "ReadQueries" >> ReadExamples(opts.queries, opts, "query")
+    counts = {"train_read_valid": _total(train, "TrainRead"),
+              "query_read_valid": _total(queries, "QueryRead"),
+              "dead_at_read": _total((dead_read_t, dead_read_q) | "DeadRead" >> beam.Flatten(),
+                                     "DeadAtRead", size=lambda _: 1)}
     checked = {}
     for role, blocks in (("Train", train), ("Queries", queries)):
         checked[role] = blocks | f"ValidateLabels{role}" >> beam.ParDo(
             stages.ValidateLabels(*label_spec)).with_outputs("dead", main="blocks")
     train, queries = checked["Train"].blocks, checked["Queries"].blocks
-    dead_train = (dead_train, checked["Train"].dead) | "DeadTrain" >> beam.Flatten()
-    dead_query = (dead_query, checked["Queries"].dead) | "DeadQuery" >> beam.Flatten()
     artifact = train | "FitMethod" >> stages.FitMethod(cfg, _join(out, "artifact"), queries)
-    train_f, dead_tf = train | "FeaturizeTrain" >> stages.Featurize(cfg, artifact, "train")
-    query_f, dead_qf = queries | "FeaturizeQueries" >> stages.Featurize(cfg, artifact, "query")
+    train_f, dead_tf, time_tf = train | "FeaturizeTrain" >> stages.Featurize(cfg, artifact, "train")
+    query_f, dead_qf, time_qf = queries | "FeaturizeQueries" >> stages.Featurize(
+        cfg, artifact, "query")
+    counts["train_examples_featurized"] = _total(train_f, "TrainFeaturized")
+    counts["query_examples_featurized"] = _total(query_f, "QueryFeaturized")
     scored = train_f | "Score" >> stages.Score(query_f, opts.k, opts.write_pairwise,
                                                opts.write_features)
     topk = scored.topk | "MergeTopK" >> stages.MergeTopK(query_f)
-    _write(topk, out, "topk", schemas.TOPK_SCHEMA)
-    _write(scored.self, out, "self_influence", schemas.SELF_SCHEMA)
+    tables = {"topk": topk, "self_influence": scored.self}
+    written = {"topk": _write(topk, out, "topk", schemas.TOPK_SCHEMA),
+               "self_influence": _write(scored.self, out, "self_influence",
+                                        schemas.SELF_SCHEMA)}
     if opts.write_pairwise:
-        _write(scored.pairwise, out, "pairwise", schemas.PAIRWISE_SCHEMA)
+        tables["pairwise"] = scored.pairwise
+        written["pairwise"] = _write(scored.pairwise, out, "pairwise", schemas.PAIRWISE_SCHEMA)
     if opts.write_features:
-        k_tables = (scored.features,
-                    query_f | "QueryFeatureTables" >> beam.Map(stages.features_table, "query"))
-        feats = k_tables | "AllFeatures" >> beam.Flatten()
-        # The fixed-size list width is only known at run time: let pyarrow infer the schema.
-        feats | "Write_features" >> beam.io.parquetio.WriteToParquetBatched(
-            _join(out, "features", "part"), file_name_suffix=".parquet")
+        feats = ((scored.features, query_f | "QueryFeatureTables" >> beam.Map(
+            stages.features_table, "query")) | "AllFeatures" >> beam.Flatten())
+        # The fixed-size list width is only known at run time: pyarrow infers the schema.
+        tables["features"] = feats
+        written["features"] = _write(feats, out, "features")
     if opts.group_key:
         if opts.group_order == 1:
             g_scores, g_self = train_f | "FirstOrderGroups" >> stages.FirstOrderGroups(query_f)
-            _write(g_self, out, "group_self", schemas.GROUP_SELF_SCHEMA)
+            tables["group_self"] = g_self
+            written["group_self"] = _write(g_self, out, "group_self",
+                                           schemas.GROUP_SELF_SCHEMA)
         else:
-            n_train = (train | "CountTrain" >> beam.Map(len)
-                       | "NTrain" >> beam.CombineGlobally(sum))
+            n_train = _total(train, "TrainForGroups")
             g_scores = train | "SecondOrderGroups" >> stages.SecondOrderGroups(
                 cfg, artifact, queries, n_train)
-        _write(g_scores, out, "groups", schemas.GROUP_SCHEMA)
-    dead = ((dead_train, dead_query, dead_tf, dead_qf) | "AllDead" >> beam.Flatten()
+        tables["groups"] = g_scores
+        written["groups"] = _write(g_scores, out, "groups", schemas.GROUP_SCHEMA)
+    dead = ((dead_read_t, dead_read_q, checked["Train"].dead, checked["Queries"].dead, dead_tf,
+             dead_qf) | "AllDead" >> beam.Flatten()
             | "DeadList" >> beam.combiners.ToList()
             | "DeadTable" >> beam.Map(_dead_table))
-    _write(dead, out, "dead_letter", schemas.DEAD_LETTER_SCHEMA)
+    tables["dead_letter"] = dead
+    written["dead_letter"] = _write(dead, out, "dead_letter", schemas.DEAD_LETTER_SCHEMA)
+
+    # Everything the last step needs, as ("kind", name, value) records in one list: gathering
+    # them waits for every writer to finish (their outputs are the final file names).
+    facts = [artifact | "FactArtifact" >> beam.Map(lambda a: ("artifact", "path", a))]
+    for name, pc in counts.items():
+        facts.append(pc | f"Fact_{name}" >> beam.Map(lambda v, n=name: ("count", n, v)))
+    for name, pc in tables.items():
+        facts.append(_total(pc, f"Rows_{name}", size=_rows)
+                     | f"FactRows_{name}" >> beam.Map(lambda v, n=name: ("rows", n, v)))
+    for name, pc in written.items():
+        facts.append(pc | f"FactFiles_{name}" >> beam.Map(lambda f, n=name: ("file", n, f)))
+    timings = ((time_tf, time_qf, scored.timing) | "AllTimings" >> beam.Flatten()
+               | "TimingSums" >> beam.CombinePerKey(_SumCount()))
+    facts.append(timings | "FactTimings" >> beam.Map(lambda kv: ("timing", kv[0], kv[1])))
+    _ = (facts | "AllFacts" >> beam.Flatten() | "Gather" >> beam.combiners.ToList()
+         | "Finalize" >> beam.Map(finalize, out, dict(run_options or {}),
+                                  opts.max_bad_fraction, opts.method,
+                                  opts.solver if opts.method in ("influence", "relatif")
+                                  else None))
+
+
+class _SumCount(beam.CombineFn):
+    """(seconds) -> {"seconds": total, "blocks": count}."""
+
+    def create_accumulator(self):
+        return [0.0, 0]
+
+    def add_input(self, acc, sec):
+        acc[0] += sec
+        acc[1] += 1
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return [sum(a[0] for a in accs), sum(a[1] for a in accs)]
+
+    def extract_output(self, acc):
+        return {"seconds": round(acc[0], 3), "blocks": acc[1]}
+
+
+def _footer_rows(paths: List[str]) -> int:
+    import io
+    import pyarrow.parquet as pq
+    n = 0
+    for path in paths:
+        with FileSystems.open(path) as f:
+            n += pq.ParquetFile(io.BytesIO(f.read())).metadata.num_rows
+    return n
+
+
+def finalize(facts, output: str, run_options: dict, max_bad_fraction: float, method: str,
+             solver: Optional[str]) -> str:
+    """The job's last step: verify, write run_manifest.json, then _SUCCESS (or fail the job)."""
+    from influence_ops import artifacts
+    counts, rows, files, timings, art = {}, {}, {}, {}, None
+    for kind, name, value in facts:
+        if kind == "count":
+            counts[name] = value
+        elif kind == "rows":
+            rows[name] = value
+        elif kind == "file":
+            files.setdefault(name, []).append(value)
+        elif kind == "timing":
+            timings[name] = value
+        else:
+            art = value
+    problems = []
+    on_disk = {name: _footer_rows(files.get(name, [])) for name in rows}
+    for name in rows:  # Beam issue 25041: trust the files, not the writer
+        if on_disk[name] != rows[name]:
+            problems.append(f"{name}: {rows[name]} rows were written but the Parquet files "
+                            f"hold {on_disk[name]}")
+    dead = on_disk.get("dead_letter", 0)
+    read = counts["train_read_valid"] + counts["query_read_valid"] + counts["dead_at_read"]
+    featurized = counts["train_examples_featurized"]
+    if on_disk.get("self_influence", 0) != featurized:
+        problems.append(f"self_influence has {on_disk.get('self_influence', 0)} rows but "
+                        f"{featurized} training examples were featurized")
+    accounted = on_disk.get("self_influence", 0) + counts["query_examples_featurized"] + dead
+    if accounted != read:
+        problems.append(f"{read} examples read but {accounted} accounted for "
+                        "(self_influence + queries + dead letters)")
+    if read and dead > max_bad_fraction * read:
+        problems.append(f"{dead} of {read} examples were dead-lettered, above "
+                        f"--max_bad_fraction={max_bad_fraction}; see "
+                        f"{_join(output, 'dead_letter')}")
+    if on_disk.get("topk", 0) == 0:
+        problems.append("topk is empty")
+    art_manifest = artifacts.read_manifest(art)
+    manifest = {
+        "method": method,
+        "solver": solver,
+        "options": run_options,
+        "artifact": art_manifest,
+        "versions": artifacts.library_versions(),
+        "counters": {"examples_read": read, "train_examples_featurized": featurized,
+                     "query_examples_featurized": counts["query_examples_featurized"],
+                     "train_examples_scored": on_disk.get("self_influence", 0),
+                     "examples_dead_lettered": dead},
+        "timings": {"fit_seconds": art_manifest.get("fit_seconds"), **timings},
+        "row_counts": on_disk,
+        "problems": problems,
+    }
+    with FileSystems.create(_join(output, MANIFEST)) as f:
+        f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    if problems:
+        raise RunError("the result is not valid (no _SUCCESS written): " + "; ".join(problems))
+    with FileSystems.create(_join(output, SUCCESS)) as f:
+        f.write(b"")
+    log.info("finalised %s: %s", output, ", ".join(f"{k}={v}" for k, v in on_disk.items()))
+    return output
 
 
 def _metrics(result) -> dict:
@@ -182,23 +325,6 @@ def _metrics(result) -> dict:
     return out
 
 
-def table_row_counts(output: str) -> Dict[str, int]:
-    """Reads back Parquet footers: the real row counts (empty shards included)."""
-    import pyarrow.parquet as pq
-    counts = {}
-    for t in TABLES:
-        files = FileSystems.match([_join(output, t, "*.parquet")])[0].metadata_list
-        if not files:
-            continue
-        n = 0
-        for m in files:
-            with FileSystems.open(m.path) as f:
-                import io
-                n += pq.ParquetFile(io.BytesIO(f.read())).metadata.num_rows
-        counts[t] = n
-    return counts
-
-
 def make_pipeline(opts: PipelineOptions) -> beam.Pipeline:
     std = opts.view_as(StandardOptions)
     if std.runner in (None, "FnApiRunner"):
@@ -208,8 +334,26 @@ def make_pipeline(opts: PipelineOptions) -> beam.Pipeline:
     return beam.Pipeline(options=opts)
 
 
-def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = None) -> dict:
-    """Runs the job; returns the run manifest. Raises RunError on invalid results."""
+def _json_options(opts: PipelineOptions) -> dict:
+    return {k: v for k, v in sorted(opts.get_all_options(drop_default=False).items())
+            if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def read_manifest(output: str) -> Optional[dict]:
+    path = _join(output, MANIFEST)
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as f:
+        return json.loads(f.read().decode())
+
+
+def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = None,
+        wait: bool = True):
+    """Runs the job and returns its run manifest (plus ``metrics`` from the runner).
+
+    With ``wait=False`` it returns the ``PipelineResult`` right after submission; the job still
+    writes its manifest and ``_SUCCESS`` itself. Raises RunError when the result is not valid.
+    """
     opts = options or PipelineOptions(argv)
     opts.view_as(SetupOptions).save_main_session = False
     iopts = opts.view_as(InfluenceOptions)
@@ -221,61 +365,27 @@ def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = N
     prepare_output(iopts.output, iopts.overwrite)
     t0 = time.time()
     p = make_pipeline(opts)
-    build(p, iopts, stages.label_spec(imodel))
+    build(p, iopts, stages.label_spec(imodel), _json_options(opts))
     log.info("running %s/%s on %s", iopts.method, iopts.solver,
              opts.view_as(StandardOptions).runner or "FnApiRunner")
-    result = p.run()
-    result.wait_until_finish()
-    wall = time.time() - t0
+    try:
+        result = p.run()
+        if not wait:
+            return result
+        result.wait_until_finish()
+    except Exception as e:  # noqa: BLE001 - runners wrap worker errors in their own types
+        manifest = read_manifest(iopts.output)
+        if manifest and manifest.get("problems"):
+            raise RunError("run finished but its result is not valid (no _SUCCESS written): "
+                           + "; ".join(manifest["problems"])) from e
+        raise
+    manifest = read_manifest(iopts.output)
+    if manifest is None or not FileSystems.exists(_join(iopts.output, SUCCESS)):
+        raise RunError(f"the job ended without finalising {iopts.output}")
     metrics = _metrics(result)
-    counts = table_row_counts(iopts.output)
-    manifest = _finish(iopts, opts, metrics, counts, wall)
-    return manifest
-
-
-def _finish(iopts, opts, metrics, counts, wall) -> dict:
-    from influence_ops import artifacts
-    c = metrics["counters"]
-    read = c.get("examples_read")
-    dead = counts.get("dead_letter", 0)
-    problems = []
-    featurized = c.get("train_examples_featurized")
-    if featurized is not None and counts.get("self_influence", 0) != featurized:
-        problems.append(f"self_influence has {counts.get('self_influence', 0)} rows but "
-                        f"{featurized} training examples were featurized")
-    if read is not None:
-        accounted = (counts.get("self_influence", 0) + c.get("query_examples_featurized", 0)
-                     + dead)
-        if accounted != read:
-            problems.append(f"{read} examples read but {accounted} accounted for "
-                            "(self_influence + queries + dead letters)")
-        if read and dead > iopts.max_bad_fraction * read:
-            problems.append(f"{dead} of {read} examples were dead-lettered, above "
-                            f"--max_bad_fraction={iopts.max_bad_fraction}; see "
-                            f"{_join(iopts.output, 'dead_letter')}")
-    if counts.get("topk", 0) == 0:
-        problems.append("topk is empty")
-    art = artifacts.read_manifest(_join(iopts.output, "artifact"))
-    manifest = {
-        "method": iopts.method,
-        "solver": iopts.solver if iopts.method in ("influence", "relatif") else None,
-        "options": {k: v for k, v in sorted(opts.get_all_options(drop_default=False).items())
-                    if isinstance(v, (str, int, float, bool, type(None)))},
-        "artifact": art,
-        "versions": artifacts.library_versions(),
-        "counters": c,
-        "timings": {"wall_seconds": round(wall, 3), **{
-            k: v for k, v in metrics["distributions"].items()}},
-        "row_counts": counts,
-        "problems": problems,
-    }
-    FileSystems.mkdirs(iopts.output) if not FileSystems.exists(iopts.output) else None
-    with FileSystems.create(_join(iopts.output, MANIFEST)) as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
-    if problems:
-        raise RunError("run finished but its result is not valid (no _SUCCESS written): "
-                       + "; ".join(problems))
-    with FileSystems.create(_join(iopts.output, SUCCESS)) as f:
-        f.write(b"")
-    log.info("done in %.1fs: %s", wall, ", ".join(f"{k}={v}" for k, v in counts.items()))
-    return manifest
+    metrics["wall_seconds"] = round(time.time() - t0, 3)
+    with FileSystems.create(_join(iopts.output, METRICS)) as f:
+        f.write(json.dumps(metrics, indent=2, sort_keys=True, default=str).encode())
+    log.info("done in %.1fs: %s", metrics["wall_seconds"],
+             ", ".join(f"{k}={v}" for k, v in manifest["row_counts"].items()))
+    return dict(manifest, metrics=metrics)

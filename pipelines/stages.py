@@ -157,8 +157,8 @@ class _FitDoFn(beam.DoFn):
                 method.fit(sample.x, sample.y, q.x, q.y, q.ids)
             else:
                 method.fit(sample.x, sample.y)
-        artifacts.save_method(method, self.artifact_dir)
         sec = time.time() - t0
+        artifacts.save_method(method, self.artifact_dir, extra={"fit_seconds": round(sec, 3)})
         beam.metrics.Metrics.distribution(NAMESPACE, "fit_ms").update(int(sec * 1000))
         log.info("fit: artifact written to %s in %.1fs", self.artifact_dir, sec)
         yield self.artifact_dir
@@ -320,7 +320,9 @@ class _FeaturizeDoFn(beam.DoFn):
             out = FeatureBlock(block.ids, psi, labels)
         self.count.inc(len(block))
         self._n += len(block)
-        self.ms.update(int((time.time() - t) * 1000))
+        sec = time.time() - t
+        self.ms.update(int(sec * 1000))
+        yield beam.pvalue.TaggedOutput("timing", (f"featurize_{self.role}", sec))
         yield out
 
 
@@ -334,8 +336,8 @@ class Featurize(beam.PTransform):
     def expand(self, blocks):
         res = blocks | "Featurize" >> beam.ParDo(
             _FeaturizeDoFn(self.cfg, self.role), beam.pvalue.AsSingleton(self.artifact)
-        ).with_outputs("dead", main="features")
-        return res.features, res.dead
+        ).with_outputs("dead", "timing", main="features")
+        return res.features, res.dead, res.timing
 
 
 # ============================================================================ score + top-k
@@ -384,7 +386,9 @@ class _ScoreDoFn(beam.DoFn):
         if self.write_features:
             yield beam.pvalue.TaggedOutput("features", features_table(fb, "train"))
         self.count.inc(len(fb))
-        self.ms.update(int((time.time() - t) * 1000))
+        sec = time.time() - t
+        self.ms.update(int(sec * 1000))
+        yield beam.pvalue.TaggedOutput("timing", ("score", sec))
 
 
 def features_table(fb: FeatureBlock, role: str):
@@ -434,7 +438,7 @@ class Score(beam.PTransform):
         return train_features | "ScoreBlocks" >> beam.ParDo(
             _ScoreDoFn(self.k, self.write_pairwise, self.write_features),
             beam.pvalue.AsList(self.query_features)).with_outputs(
-                "self", "pairwise", "features", main="topk")
+                "self", "pairwise", "features", "timing", main="topk")
 
 
 class MergeTopK(beam.PTransform):
