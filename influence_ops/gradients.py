@@ -62,20 +62,26 @@ def _fast_path_layers(imodel: InfluenceModel):
     if imodel._head_layers is None:
         return None
     for layer in imodel.target_layers:
+        if type(layer) not in (keras.layers.Dense, keras.layers.Conv2D):
+            return None
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
             return None
         expect = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
         if [id(w) for w in layer.trainable_weights] != [id(w) for w in expect]:
             return None
+        try:
+            in_rank = len(layer.input.shape)
+        except (AttributeError, ValueError):
+            return None
         if type(layer) is keras.layers.Dense:
-            if len(layer.kernel.shape) != 2:
-                return None
-        elif type(layer) is keras.layers.Conv2D:
-            if (layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1)
-                    or layer.groups != 1 or layer.padding not in ("valid", "same")):
+            # Dense on (batch, time, features) shares weights over time: general path.
+            if len(layer.kernel.shape) != 2 or in_rank != 2:
                 return None
         else:
-            return None
+            if (layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1)
+                    or layer.groups != 1 or layer.padding not in ("valid", "same")
+                    or in_rank != 4):
+                return None
     return imodel.target_layers
 
 

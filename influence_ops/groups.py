@@ -36,8 +36,20 @@ def first_order_group_scores(method, query_x, query_y, train_x, train_y, group_i
                              query_ids=None):
     """``(groups, scores (m, G), self (G,))`` for a fitted first-order method."""
     uniq, phi, _ = group_sums(method.train_features(train_x, train_y), group_ids)
-    _, psi, _ = group_sums(method._self_query_features(train_x, train_y), group_ids)
     q = method.query_features(query_x, query_y, query_ids).astype(np.float64)
+    if getattr(method, "inverse", True) is None:
+        # CG / LiSSA: no query-side map for training examples; solve per group instead:
+        # self(U) = g_U^T H^-1 (sum_i w_i g_i), w_i = 1 (or 1/||H^-1 g_i|| for RelatIF).
+        g = grads.per_example_gradients(method.imodel, train_x, train_y).astype(np.float64)
+        _, g_sum, _ = group_sums(g, group_ids)
+        if method.relatif:
+            sol = method.solve(g)
+            sol /= np.maximum(np.linalg.norm(sol, axis=1), 1e-30)[:, None]
+            _, v, _ = group_sums(sol, group_ids)
+        else:
+            v = method.solve(g_sum)
+        return uniq, q @ phi.T, np.sum(g_sum * v, axis=1)
+    _, psi, _ = group_sums(method._self_query_features(train_x, train_y), group_ids)
     return uniq, q @ phi.T, np.sum(phi * psi, axis=1)
 
 

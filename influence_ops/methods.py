@@ -395,6 +395,12 @@ class TracIn(InfluenceMethod):
 
 
 # ============================================================================ representer points
+def _binary_sign(y, n: int) -> np.ndarray:
+    """+1 to explain class 1, -1 to explain class 0 of a one-unit (sigmoid) output."""
+    y = np.asarray(y, dtype=np.float64).reshape(n, -1)[:, 0]
+    return np.where(y >= 0.5, 1.0, -1.0)
+
+
 def _dense_last_layer(imodel: InfluenceModel):
     import keras
     layer = imodel.model.layers[-1]
@@ -493,7 +499,9 @@ class RepresenterPointsL2(InfluenceMethod):
         self._check_fitted()
         F = grads.penultimate_features(self.imodel, x, self.batch_size).astype(np.float64)
         C = self.W.shape[1]
-        cls = np.zeros(len(F), np.int64) if C == 1 else _labels_to_class(self.imodel, y)
+        if C == 1:  # one logit: class 0 is explained by its negative
+            return (F * _binary_sign(y, len(F))[:, None]).astype(_float(self.imodel))
+        cls = _labels_to_class(self.imodel, y)
         out = np.zeros((len(F), C, F.shape[1]))
         out[np.arange(len(F)), cls] = F
         return out.reshape(len(F), -1).astype(_float(self.imodel))
@@ -524,9 +532,10 @@ class RepresenterPointsLJE(InfluenceMethod):
 
         z_c(t) ~ sum_i [ z0_c(t)/n - (1/n) (dz_c/dtheta)^T H0^-1 g_i(theta0) ]
 
-    and the i-th term is the representer value of ``z_i`` (positive = supports class c). In
-    feature-map form ``phi_i = [eigen-map of g_i(theta0), 1]`` and
-    ``psi_t = [-(1/n) eigen-map of dz_c/dtheta, z0_c(t)/n]``, with H0 from the exact or Arnoldi
+    and the i-th term is the representer value of ``z_i`` (positive = supports class c). With an
+    L2 term the Newton step also holds ``-H0^-1 l2 theta0``, shared equally by the n examples.
+    In feature-map form ``phi_i = [eigen-map of g_i(theta0), 1]`` and
+    ``psi_t = [-(1/n) eigen-map of dz_c/dtheta, (z0_c(t) - dz_c/dtheta^T H0^-1 l2 theta0)/n]``, with H0 from the exact or Arnoldi
     solver (rank top_k). Query labels choose c (pass predicted labels to explain predictions).
     """
 
@@ -600,8 +609,17 @@ class RepresenterPointsLJE(InfluenceMethod):
         cls = np.zeros(len(F), np.int64) if C == 1 else _labels_to_class(self.imodel, y)
         J = self._logit_jacobian(F, cls)
         z0 = J @ self.theta0
-        psi = -self.inverse.query_map(J) / self.n_fit
-        return np.concatenate([psi, (z0 / self.n_fit)[:, None]], axis=1).astype(_float(self.imodel))
+        qmap = self.inverse.query_map(J)
+        const = z0
+        if self.imodel.l2:
+            # The regulariser's part of the Newton step, -J H0^-1 (l2 theta0), is shared
+            # equally by the n examples (it belongs to none of them).
+            reg = self.inverse.train_map((self.imodel.l2 * self.theta0)[None, :])
+            const = z0 - (qmap @ reg.T)[:, 0]
+        out = np.concatenate([-qmap / self.n_fit, (const / self.n_fit)[:, None]], axis=1)
+        if C == 1:  # one logit: class 0 is explained by its negative
+            out *= _binary_sign(y, len(F))[:, None]
+        return out.astype(_float(self.imodel))
 
     def params(self):
         return {"solver": self.solver, "step": self.step, "damping": self.damping,

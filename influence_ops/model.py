@@ -149,8 +149,11 @@ class InfluenceModel:
         return layers
 
     def _last_activation(self):
-        act = getattr(self.model.layers[-1], "activation", None)
-        return getattr(act, "__name__", None)
+        last = self.model.layers[-1]
+        if isinstance(last, keras.layers.Softmax):
+            return "softmax"
+        act = getattr(last, "activation", None)
+        return getattr(act, "__name__", act if isinstance(act, str) else None)
 
     def _resolve_loss(self, loss, from_logits):
         if isinstance(loss, str):

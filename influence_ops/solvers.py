@@ -97,7 +97,7 @@ def select_eigenpairs(evals, evecs, damping=0.0, top_k=None, negative="keep",
 
 
 def exact_inverse(hessian: np.ndarray, damping: float = 0.0, negative: str = "keep",
-                  rel_floor: float = 1e-12) -> EigenInverse:
+                  rel_floor: float = 1e-10) -> EigenInverse:
     """Full eigendecomposition of an explicit ``(d, d)`` Hessian (float64)."""
     h = np.asarray(hessian, dtype=np.float64)
     evals, evecs = np.linalg.eigh(0.5 * (h + h.T))

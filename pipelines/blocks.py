@@ -59,4 +59,6 @@ def split_rows(ids, x, y, group, block_size, source):
 
 def row_ids(source: str, start: int, n: int, width: int = 9) -> np.ndarray:
     """Stable ids ``source:000000123``: zero-padded so string order is row order."""
+    if n == 0:
+        return np.zeros((0,), dtype=str)
     return np.char.add(f"{source}:", np.char.zfill(np.arange(start, start + n).astype(str), width))

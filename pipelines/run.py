@@ -61,6 +61,9 @@ def validate(opts: InfluenceOptions) -> None:
         if not ck or len(ck) != len(lr):
             raise RunError("--method=tracin needs --checkpoints and one --learning_rates value "
                            f"per checkpoint (got {len(ck)} checkpoints, {len(lr)} rates)")
+    if opts.group_key and opts.group_order == 2 and opts.method not in ("influence", "relatif"):
+        raise RunError("--group_order=2 (second-order group influence) needs an influence-"
+                       f"function method (--method=influence or relatif), not {opts.method}")
     if opts.k < 1:
         raise RunError("--k must be >= 1")
     if opts.block_size < 1 or opts.batch_size < 1:

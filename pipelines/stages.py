@@ -64,6 +64,9 @@ def method_kwargs(cfg: dict) -> dict:
         return dict(lam=cfg["rps_lambda"])
     if m == "rps_lje":
         solver = cfg["solver"] if cfg["solver"] in ("exact", "arnoldi") else "exact"
+        if solver != cfg["solver"]:
+            log.warning("rps_lje supports --solver=exact or arnoldi; using exact instead of %s",
+                        cfg["solver"])
         return dict(solver=solver, step=cfg["lje_step"], damping=cfg["damping"],
                     top_k=cfg["rank"], n_iter=cfg["arnoldi_iter"], seed=cfg["seed"])
     raise ValueError(f"unknown method {m!r}")
@@ -121,6 +124,9 @@ class _SampleRows(beam.DoFn):
 
 
 def _final_sample(blocks: List[Block], size: int, seed: int) -> Block:
+    if not any(len(b) for b in blocks):
+        raise ValueError("no training examples to fit on: --train is empty or every row was "
+                         "dead-lettered (see dead_letter/)")
     b = concat(blocks)
     order = np.argsort(b.ids, kind="stable")  # canonical order: independent of the runner
     b = b.take(order)
@@ -146,6 +152,9 @@ class _FitDoFn(beam.DoFn):
         kind, data = payload
         if kind == "hessian":
             total, n = data
+            if not n:
+                raise ValueError("no training examples to fit on: --train is empty or every "
+                                 "row was dead-lettered (see dead_letter/)")
             log.info("fit: exact Hessian from %d examples (d=%d)", n, imodel.n_params)
             method.fit_from_hessian(total, n)
         else:
@@ -343,6 +352,9 @@ class Featurize(beam.PTransform):
 # ============================================================================ score + top-k
 def query_matrix(query_blocks: List[FeatureBlock]):
     """Concatenated query features in id order (the canonical row order of every output)."""
+    if not query_blocks:
+        raise ValueError("no query examples to score against: --queries is empty or every "
+                         "query row was dead-lettered (see dead_letter/)")
     ids = np.concatenate([b.ids for b in query_blocks])
     feats = np.concatenate([b.features for b in query_blocks]).astype(np.float64)
     order = np.argsort(ids, kind="stable")
@@ -508,7 +520,10 @@ class FirstOrderGroups(beam.PTransform):
         def block_sums(fb: FeatureBlock):
             if fb.group is None:
                 raise ValueError("--group_key is set but the examples carry no group column")
-            psi = fb.self_features if fb.self_features is not None else np.zeros_like(fb.features)
+            # CG / LiSSA have no query-side map for training examples: group self-influence
+            # would need one solve per group; it is written as null (NaN marks it here).
+            psi = (fb.self_features if fb.self_features is not None
+                   else np.full_like(fb.features, np.nan))
             yield from _per_group(fb.group, fb.features, psi)
 
         def tables(items, query_blocks):
@@ -525,7 +540,9 @@ class FirstOrderGroups(beam.PTransform):
             scores = pa.table({"query_id": np.repeat(qids.astype(str), G),
                                "group_id": np.tile(gids, m), "score": S.reshape(-1),
                                "order": np.ones(m * G, np.int32)}, schema=schemas.GROUP_SCHEMA)
-            selfs = pa.table({"group_id": gids, "score": np.sum(phi * psi, axis=1),
+            self_scores = np.sum(phi * psi, axis=1)
+            selfs = pa.table({"group_id": gids,
+                              "score": pa.array(self_scores, mask=np.isnan(self_scores)),
                               "size": size}, schema=schemas.GROUP_SELF_SCHEMA)
             return [("scores", scores), ("self", selfs)]
 
@@ -594,6 +611,9 @@ class SecondOrderGroups(beam.PTransform):
             (hv_,), = parts["hv"]
             loaded = acquire(cfg, artifact)
             p = count / float(n_train)
+            if p >= 1.0:
+                raise ValueError(f"group {gid!r} holds the whole training set (p = 1): "
+                                 "second-order group influence is undefined for it")
             v2 = loaded.method.solve(hv_[None, :])[0]
             v = (1 - 2 * p) / (1 - p) ** 2 * v1_ + v2 / ((1 - p) ** 2 * n_train)
             q = concat(query_blocks)

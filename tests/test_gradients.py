@@ -77,3 +77,36 @@ def test_partial_head_and_fallback_path_equal_oracle():
     # forward-mode JVPs (the non-fast-path route of directional_derivatives)
     np.testing.assert_allclose(G.directional_derivatives(im2, x2, y, P.T),
                                loop_oracle(im2, x2, y) @ P, atol=1e-10)
+
+
+def test_layers_outside_the_fast_path_use_the_general_path():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 5)
+    # Dense on a sequence (weights shared over time) and BatchNormalization targets.
+    keras.utils.set_random_seed(3)
+    seq = keras.Sequential([keras.Input((7, 4), dtype="float64"),
+                            keras.layers.Dense(6, activation="tanh", dtype="float64"),
+                            keras.layers.GlobalAveragePooling1D(dtype="float64"),
+                            keras.layers.Dense(3, dtype="float64")])
+    bn = keras.Sequential([keras.Input((4,), dtype="float64"),
+                           keras.layers.Dense(6, dtype="float64"),
+                           keras.layers.BatchNormalization(dtype="float64", name="bn"),
+                           keras.layers.Dense(3, dtype="float64")])
+    for model, shape in ((seq, (5, 7, 4)), (bn, (5, 4))):
+        im = InfluenceModel(model, target_layers=2)
+        assert G._fast_path_layers(im) is None
+        x = rng.normal(size=shape)
+        ref = loop_oracle(im, x, y)
+        np.testing.assert_allclose(G.per_example_gradients(im, x, y), ref, atol=1e-10)
+        P = rng.normal(size=(im.n_params, 4))
+        np.testing.assert_allclose(G.projected_gradients(im, x, y, P), ref @ P, atol=1e-10)
+
+
+def test_softmax_layer_output_is_recognised_as_probabilities():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Softmax()])
+    assert InfluenceModel(model, target_layers=1)._loss_fn.from_logits is False
+    act = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                            keras.layers.Activation("softmax")])
+    assert InfluenceModel(act)._loss_fn.from_logits is False
+    logits = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    assert InfluenceModel(logits)._loss_fn.from_logits is True

@@ -236,3 +236,44 @@ def test_rps_lje_values_sum_to_newton_logits(trained_mlp):
     F = G.penultimate_features(im, xq)
     J = calc.method._logit_jacobian(F, yq)
     np.testing.assert_allclose(s.sum(axis=1), J @ theta_newton, atol=1e-8)
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.05, 0.5])
+def test_rps_lje_at_the_optimum_recovers_the_logit_with_l2(l2):
+    """At the exact regularised optimum the representer values of a binary logistic model sum
+    to the logit of the query's class (class 0 is explained by the negative logit)."""
+    x, y, xq, yq = helpers.logistic_data()
+    im = InfluenceModel(helpers.logistic_model(x.shape[1]), loss="binary_crossentropy",
+                        from_logits=True, l2=l2)
+    theta = helpers.newton_logistic(x, y, l2)
+    im.set_flat_params(theta)
+    calc = InfluenceCalculator(im, method="rps_lje", step=1e-3).fit((x, y))
+    s = calc.influence((xq, yq), (x, y))
+    logit = xq @ theta[:-1] + theta[-1]
+    sign = np.where(yq[:, 0] >= 0.5, 1.0, -1.0)
+    np.testing.assert_allclose(s.sum(axis=1), sign * logit, atol=1e-10)
+
+
+def test_rps_l2_binary_query_label_chooses_the_class(logreg):
+    calc = InfluenceCalculator(logreg["im"], method="rps_l2", lam=1e-2).fit(
+        (logreg["x"], logreg["y"]))
+    xq = logreg["xq"]
+    ones, zeros = np.ones((len(xq), 1)), np.zeros((len(xq), 1))
+    s1 = calc.influence((xq, ones), (logreg["x"], logreg["y"]))
+    s0 = calc.influence((xq, zeros), (logreg["x"], logreg["y"]))
+    np.testing.assert_allclose(s0, -s1)
+    np.testing.assert_allclose(s1.sum(axis=1), calc.method.surrogate_logits(xq)[:, 0],
+                               atol=1e-5)
+
+
+def test_group_self_influence_with_cg_equals_exact(mlp):
+    t, q = (mlp["x"], mlp["y"]), (mlp["xq"], mlp["yq"])
+    damping = max(0.0, -float(np.linalg.eigvalsh(mlp["H"]).min())) + 0.05
+    gid = (np.arange(len(mlp["x"])) % 3).astype(str)
+    exact = InfluenceCalculator(mlp["im"], solver="exact", damping=damping).fit(t)
+    cg = InfluenceCalculator(mlp["im"], solver="cg", damping=damping, cg_tol=1e-12).fit(
+        t, queries=q)
+    _, s_ex, self_ex = exact.group_influence(q, t, gid)
+    _, s_cg, self_cg = cg.group_influence(q, t, gid)
+    assert rel_err(s_cg, s_ex) <= 1e-6
+    assert rel_err(self_cg, self_ex) <= 1e-6

@@ -184,3 +184,26 @@ def test_clear_errors_for_bad_options(setup, tmp_path):
     with pytest.raises(run_lib.RunError, match="learning_rates"):
         run_lib.run(base + [f"--model={setup['model_path']}", "--method=tracin",
                             f"--checkpoints={setup['ck1']}"])
+
+
+def test_edge_inputs_fail_with_clear_errors(setup, tmp_path):
+    base = [f"--model={setup['model_path']}", f"--queries=npz:{setup['dir']}/queries.npz",
+            "--solver=exact"]
+    train = f"--train=npz:{setup['dir']}/train.npz"
+    # second-order groups need an influence-function method: refused before anything runs
+    with pytest.raises(run_lib.RunError, match="--group_order=2"):
+        run_lib.run(base + [train, "--method=tracin", f"--checkpoints={setup['ck1']}",
+                            "--learning_rates=0.1", "--group_key=g", "--group_order=2",
+                            f"--output={tmp_path}/g2"])
+    # a group holding the whole training set has no second-order influence
+    np.savez(tmp_path / "one_group.npz", x=setup["x"], y=setup["y"],
+             g=np.full(N_TRAIN, "all"))
+    with pytest.raises(Exception, match="whole training set"):
+        run_lib.run(base + [f"--train=npz:{tmp_path}/one_group.npz", "--group_key=g",
+                            "--group_order=2", f"--output={tmp_path}/one"])
+    assert not os.path.exists(tmp_path / "one" / "_SUCCESS")
+    # every training row dead-lettered: the fit step says so
+    np.savez(tmp_path / "all_bad.npz", x=setup["x"], y=np.full(N_TRAIN, 9))
+    with pytest.raises(Exception, match="no training examples to fit on"):
+        run_lib.run(base + [f"--train=npz:{tmp_path}/all_bad.npz", "--max_bad_fraction=1",
+                            f"--output={tmp_path}/dead"])
