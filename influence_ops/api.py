@@ -14,7 +14,7 @@ training example changes the test loss by about ``influence / n`` (n = training-
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -153,7 +153,6 @@ class InfluenceCalculator:
     def to_parquet(self, path: str, queries, train, k: int = 10, train_ids=None,
                    query_ids=None) -> str:
         """Writes the top-k table (query_id, rank, train_id, score, kind) to one Parquet file."""
-        import pyarrow as pa
         import pyarrow.parquet as pq
         from influence_ops import schemas
         qx, _ = as_arrays(queries)

@@ -53,23 +53,26 @@ def first_order_group_scores(method, query_x, query_y, train_x, train_y, group_i
     return uniq, q @ phi.T, np.sum(phi * psi, axis=1)
 
 
+def combine_second_order(v1: np.ndarray, v2: np.ndarray, size: int, n_train: int) -> np.ndarray:
+    """``v_U`` from ``v1 = H^-1 g_U`` and ``v2 = H^-1 H_U v1`` for a group of ``size`` members.
+
+    The one place the Basu et al. coefficients live (the pipeline's two-pass version calls it).
+    """
+    p = size / float(n_train)
+    if p >= 1.0:
+        raise ValueError(f"a group of {size} holds the whole training set (p = 1): "
+                         "second-order group influence is undefined for it")
+    return (1 - 2 * p) / (1 - p) ** 2 * v1 + v2 / ((1 - p) ** 2 * n_train)
+
+
 def second_order_vector(method, imodel, x_group, y_group, n_train: int) -> np.ndarray:
     """``v_U`` ``(d,)`` of the module docstring for one group (members ``x_group``)."""
-    m = len(x_group)
-    p = m / float(n_train)
-    if p >= 1.0:
-        raise ValueError("a group cannot hold the whole training set (p = 1)")
     g_sum = grads.per_example_gradients(imodel, x_group, y_group).astype(np.float64).sum(axis=0)
-    return second_order_from_sums(method, imodel, x_group, y_group, g_sum, m, n_train)
-
-
-def second_order_from_sums(method, imodel, x_group, y_group, g_sum, m, n_train):
-    p = m / float(n_train)
     v1 = method.solve(g_sum[None, :])[0]
     hv = grads.hessian_vector_products(imodel, x_group, y_group, v1[None, :], include_l2=False,
                                        reduce="sum")[0]
     v2 = method.solve(hv[None, :])[0]
-    return (1 - 2 * p) / (1 - p) ** 2 * v1 + v2 / ((1 - p) ** 2 * n_train)
+    return combine_second_order(v1, v2, len(x_group), n_train)
 
 
 def second_order_group_scores(method, imodel, query_x, query_y, train_x, train_y, group_ids):

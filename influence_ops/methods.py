@@ -17,7 +17,7 @@ the test loss by about ``group_score / n``.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -208,34 +208,45 @@ class FirstOrderInfluence(InfluenceMethod):
         return self
 
     # -- feature maps -------------------------------------------------------------------------
-    def _coords(self, x, y):
-        return grads.projected_gradients(self.imodel, x, y, self.inverse.U,
-                                         self.batch_size).astype(np.float64)
+    def _eigen_maps(self, x, y):
+        """Exact / Arnoldi: ``(phi, psi)`` float64 from one fused projection ``G U``."""
+        c = grads.projected_gradients(self.imodel, x, y, self.inverse.U,
+                                      self.batch_size).astype(np.float64)
+        psi = self.inverse.query_map_from_coordinates(c)
+        phi = self.inverse.train_map_from_coordinates(c)
+        if self.relatif:
+            phi /= np.maximum(self.inverse.inverse_norms_from_coordinates(c), 1e-30)[:, None]
+        return phi, psi
+
+    def _solver_maps(self, x, y, want_self: bool):
+        """CG / LiSSA: ``(phi, self or None)``; solves one system per example only when RelatIF
+        norms or self-influence need it (the gradients are computed once either way)."""
+        if not (self.relatif or want_self):
+            phi = grads.projected_gradients(self.imodel, x, y, self.Q.T, self.batch_size)
+            return phi.astype(np.float64), None
+        g = grads.per_example_gradients(self.imodel, x, y, self.batch_size).astype(np.float64)
+        self._warn_per_example_solves(len(g), "RelatIF" if self.relatif else "self-influence")
+        phi = g @ self.Q.T
+        sol = self.solve(g)
+        norms = np.maximum(np.linalg.norm(sol, axis=1), 1e-30)
+        self_scores = np.sum(g * sol, axis=1)
+        if self.relatif:
+            phi /= norms[:, None]
+            self_scores /= norms
+        return phi, (self_scores if want_self else None)
 
     def train_features(self, x, y):
         self._check_fitted()
-        dt = _float(self.imodel)
-        if self.inverse is not None:
-            c = self._coords(x, y)
-            phi = c / np.sqrt(np.abs(self.inverse.lam))
-            if self.relatif:
-                phi /= np.maximum(np.linalg.norm(c / self.inverse.lam, axis=1), 1e-30)[:, None]
-            return phi.astype(dt)
-        phi = grads.projected_gradients(self.imodel, x, y, self.Q.T, self.batch_size)
-        phi = phi.astype(np.float64)
-        if self.relatif:
-            g = grads.per_example_gradients(self.imodel, x, y, self.batch_size)
-            self._warn_per_example_solves(len(g), "RelatIF")
-            norms = np.linalg.norm(self.solve(g.astype(np.float64)), axis=1)
-            phi /= np.maximum(norms, 1e-30)[:, None]
-        return phi.astype(dt)
+        phi = (self._eigen_maps(x, y)[0] if self.inverse is not None
+               else self._solver_maps(x, y, want_self=False)[0])
+        return phi.astype(_float(self.imodel))
 
     def query_features(self, x, y, ids=None):
         self._check_fitted()
         dt = _float(self.imodel)
         if self.inverse is not None:
-            c = self._coords(x, y)
-            return (c * (np.sign(self.inverse.lam) / np.sqrt(np.abs(self.inverse.lam)))).astype(dt)
+            return grads.projected_gradients(self.imodel, x, y, self.inverse.projection("query"),
+                                             self.batch_size).astype(dt)
         return self._one_hot_queries(len(x), ids).astype(dt)
 
     def _one_hot_queries(self, m, ids):
@@ -261,31 +272,15 @@ class FirstOrderInfluence(InfluenceMethod):
                         self.solver, n)
 
     def self_influence(self, x, y):
-        self._check_fitted()
-        if self.inverse is not None:
-            c = self._coords(x, y)
-            s = np.sum(c * c / self.inverse.lam, axis=1)
-            if self.relatif:
-                s /= np.maximum(np.linalg.norm(c / self.inverse.lam, axis=1), 1e-30)
-            return s
-        g = grads.per_example_gradients(self.imodel, x, y, self.batch_size).astype(np.float64)
-        self._warn_per_example_solves(len(g), "self-influence")
-        sol = self.solve(g)
-        s = np.sum(g * sol, axis=1)
-        if self.relatif:
-            s /= np.maximum(np.linalg.norm(sol, axis=1), 1e-30)
-        return s
+        return self.featurize_train(x, y)[2]
 
     def featurize_train(self, x, y):
         self._check_fitted()
-        if self.inverse is None:  # CG / LiSSA: self-influence needs one solve per example
-            return self.train_features(x, y), None, self.self_influence(x, y)
         dt = _float(self.imodel)
-        c = self._coords(x, y)
-        phi = c / np.sqrt(np.abs(self.inverse.lam))
-        psi = phi * np.sign(self.inverse.lam)
-        if self.relatif:
-            phi = phi / np.maximum(np.linalg.norm(c / self.inverse.lam, axis=1), 1e-30)[:, None]
+        if self.inverse is None:  # CG / LiSSA: no query-side map for training examples
+            phi, self_scores = self._solver_maps(x, y, want_self=True)
+            return phi.astype(dt), None, self_scores
+        phi, psi = self._eigen_maps(x, y)
         return phi.astype(dt), psi.astype(dt), np.sum(phi * psi, axis=1)
 
     def influence_vectors(self, x, y) -> np.ndarray:
@@ -585,8 +580,8 @@ class RepresenterPointsLJE(InfluenceMethod):
     def train_features(self, x, y):
         self._check_fitted()
         self._ensure_perturbed()
-        c = grads.projected_gradients(self.perturbed, x, y, self.inverse.U, self.batch_size)
-        phi = c.astype(np.float64) / np.sqrt(np.abs(self.inverse.lam))
+        phi = grads.projected_gradients(self.perturbed, x, y, self.inverse.projection("train"),
+                                        self.batch_size).astype(np.float64)
         return np.concatenate([phi, np.ones((len(phi), 1))], axis=1).astype(_float(self.imodel))
 
     def _logit_jacobian(self, F, cls):

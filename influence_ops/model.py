@@ -19,7 +19,6 @@ running the whole model under the tape, which is correct but slower.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Callable, Optional, Sequence, Union
 
@@ -269,7 +268,3 @@ class InfluenceModel:
     def __repr__(self):
         return (f"InfluenceModel(target_layers={[l.name for l in self.target_layers]}, "
                 f"d={self.n_params}, loss={self.loss_spec}, l2={self.l2})")
-
-
-def describe_json(imodel: InfluenceModel) -> str:
-    return json.dumps(imodel.describe(), sort_keys=True)

@@ -48,11 +48,22 @@ class EigenInverse:
         """``G U``: ``(n, d) -> (n, k)``."""
         return np.asarray(G, dtype=np.float64) @ self.U
 
+    def train_map_from_coordinates(self, C):
+        """``(n, k)`` coordinates ``G U`` -> train features."""
+        return C / np.sqrt(np.abs(self.lam))
+
+    def query_map_from_coordinates(self, C):
+        return C * (np.sign(self.lam) / np.sqrt(np.abs(self.lam)))
+
+    def inverse_norms_from_coordinates(self, C):
+        """``||(H + damping)^-1 g||`` from coordinates (U has orthonormal columns)."""
+        return np.linalg.norm(C / self.lam, axis=1)
+
     def train_map(self, G):
-        return self.coordinates(G) / np.sqrt(np.abs(self.lam))
+        return self.train_map_from_coordinates(self.coordinates(G))
 
     def query_map(self, G):
-        return self.coordinates(G) * (np.sign(self.lam) / np.sqrt(np.abs(self.lam)))
+        return self.query_map_from_coordinates(self.coordinates(G))
 
     def projection(self, side: str = "train") -> np.ndarray:
         """The ``(d, k)`` matrix P with ``train_map(G) = G P`` (fuses with per-example grads)."""
@@ -64,10 +75,6 @@ class EigenInverse:
     def apply(self, G):
         """``(H + damping)^-1`` applied to rows: ``(n, d) -> (n, d)``."""
         return (self.coordinates(G) / self.lam) @ self.U.T
-
-    def inverse_norms(self, G):
-        """``||(H + damping)^-1 g||`` per row without forming d-vectors: ``(n,)``."""
-        return np.linalg.norm(self.coordinates(G) / self.lam, axis=1)
 
 
 def select_eigenpairs(evals, evecs, damping=0.0, top_k=None, negative="keep",

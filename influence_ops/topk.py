@@ -9,8 +9,8 @@ not depend on how the training set was split into blocks or in which order block
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 

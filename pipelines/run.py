@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (PipelineOptions, SetupOptions,
@@ -138,9 +137,8 @@ def build(p: beam.Pipeline, opts: InfluenceOptions, label_spec=None,
             stages.ValidateLabels(*label_spec)).with_outputs("dead", main="blocks")
     train, queries = checked["Train"].blocks, checked["Queries"].blocks
     artifact = train | "FitMethod" >> stages.FitMethod(cfg, _join(out, "artifact"), queries)
-    train_f, dead_tf, time_tf = train | "FeaturizeTrain" >> stages.Featurize(cfg, artifact, "train")
-    query_f, dead_qf, time_qf = queries | "FeaturizeQueries" >> stages.Featurize(
-        cfg, artifact, "query")
+    train_f, time_tf = train | "FeaturizeTrain" >> stages.Featurize(cfg, artifact, "train")
+    query_f, time_qf = queries | "FeaturizeQueries" >> stages.Featurize(cfg, artifact, "query")
     counts["train_examples_featurized"] = _total(train_f, "TrainFeaturized")
     counts["query_examples_featurized"] = _total(query_f, "QueryFeaturized")
     scored = train_f | "Score" >> stages.Score(query_f, opts.k, opts.write_pairwise,
@@ -171,8 +169,8 @@ def build(p: beam.Pipeline, opts: InfluenceOptions, label_spec=None,
                 cfg, artifact, queries, n_train)
         tables["groups"] = g_scores
         written["groups"] = _write(g_scores, out, "groups", schemas.GROUP_SCHEMA)
-    dead = ((dead_read_t, dead_read_q, checked["Train"].dead, checked["Queries"].dead, dead_tf,
-             dead_qf) | "AllDead" >> beam.Flatten()
+    dead = ((dead_read_t, dead_read_q, checked["Train"].dead, checked["Queries"].dead)
+            | "AllDead" >> beam.Flatten()
             | "DeadList" >> beam.combiners.ToList()
             | "DeadTable" >> beam.Map(_dead_table))
     tables["dead_letter"] = dead

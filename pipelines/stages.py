@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import zlib
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -287,7 +287,6 @@ class _FeaturizeDoFn(beam.DoFn):
     def __init__(self, cfg: dict, role: str):
         self.cfg, self.role = cfg, role
         self.count = beam.metrics.Metrics.counter(NAMESPACE, f"{role}_examples_featurized")
-        self.dead = beam.metrics.Metrics.counter(NAMESPACE, "examples_dead_lettered")
         self.ms = beam.metrics.Metrics.distribution(NAMESPACE, f"featurize_{role}_block_ms")
 
     def setup(self):
@@ -306,19 +305,7 @@ class _FeaturizeDoFn(beam.DoFn):
         t = time.time()
         loaded = acquire(self.cfg, artifact)
         imodel, method = loaded.imodel, loaded.method
-        bad = label_problems(imodel.label_mode, label_spec(imodel)[1], block.y)
-        if bad.any():
-            self.dead.inc(int(bad.sum()))
-            for i in np.nonzero(bad)[0]:
-                yield beam.pvalue.TaggedOutput("dead", (block.source, str(block.ids[i]),
-                                                        f"bad label {block.y[i]!r} for "
-                                                        f"{imodel.label_mode} loss"))
-            block = block.take(~bad)
-            if not len(block):
-                return
-        y = block.y
-        if imodel.label_mode == "sparse":
-            y = np.asarray(y).reshape(len(y)).astype(np.int64)
+        y = _labels(imodel, block.y)  # rows with bad labels were dead-lettered before the fit
         labels = labels_as_strings(y)
         if self.role == "train":
             phi, psi, self_scores = method.featurize_train(block.x, y)
@@ -336,7 +323,9 @@ class _FeaturizeDoFn(beam.DoFn):
 
 
 class Featurize(beam.PTransform):
-    """``blocks -> (FeatureBlocks, dead)`` with the fitted artifact as a singleton side input."""
+    """``blocks -> (FeatureBlocks, timings)`` with the fitted artifact as a singleton side input.
+
+    Blocks arrive label-checked (``ValidateLabels``), so every row is featurized."""
 
     def __init__(self, cfg: dict, artifact, role: str):
         super().__init__()
@@ -345,8 +334,8 @@ class Featurize(beam.PTransform):
     def expand(self, blocks):
         res = blocks | "Featurize" >> beam.ParDo(
             _FeaturizeDoFn(self.cfg, self.role), beam.pvalue.AsSingleton(self.artifact)
-        ).with_outputs("dead", "timing", main="features")
-        return res.features, res.dead, res.timing
+        ).with_outputs("timing", main="features")
+        return res.features, res.timing
 
 
 # ============================================================================ score + top-k
@@ -609,13 +598,10 @@ class SecondOrderGroups(beam.PTransform):
             gid, parts = kv
             (v1_, count), = parts["v1"]
             (hv_,), = parts["hv"]
+            from influence_ops.groups import combine_second_order
             loaded = acquire(cfg, artifact)
-            p = count / float(n_train)
-            if p >= 1.0:
-                raise ValueError(f"group {gid!r} holds the whole training set (p = 1): "
-                                 "second-order group influence is undefined for it")
             v2 = loaded.method.solve(hv_[None, :])[0]
-            v = (1 - 2 * p) / (1 - p) ** 2 * v1_ + v2 / ((1 - p) ** 2 * n_train)
+            v = combine_second_order(v1_, v2, int(count), n_train)
             q = concat(query_blocks)
             order = np.argsort(q.ids, kind="stable")
             q = q.take(order)

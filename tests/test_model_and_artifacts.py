@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from influence_ops import InfluenceCalculator, InfluenceModel, InfluenceModelError
-from influence_ops import artifacts, storage
+from influence_ops import artifacts
 from tests import helpers
 
 

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from influence_ops import InfluenceCalculator, InfluenceModel, groups, solvers
+from influence_ops import InfluenceCalculator, InfluenceModel, solvers
 from influence_ops import gradients as G
 from tests import helpers
 

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from influence_ops import InfluenceCalculator, InfluenceModel
-from influence_ops import gradients as G
 from pipelines import run as run_lib
 from tests import helpers
 
