@@ -1,6 +1,6 @@
 """The notebook user's API: one object, numpy arrays or ``tf.data.Dataset`` in, numpy out.
 
-    calc = InfluenceCalculator(model, method="influence", solver="arnoldi", l2=1e-3)
+    calc = InfluenceCalculator(model, method="influence", solver="arnoldi", rank=32, l2=1e-3)
     calc.fit((x_train, y_train))
     scores = calc.influence((x_test, y_test), (x_train, y_train))   # (n_test, n_train)
     top = calc.top_k((x_test, y_test), (x_train, y_train), k=10)    # proponents / opponents
@@ -18,9 +18,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from influence_ops import artifacts, groups
-from influence_ops import methods as M
+from influence_ops import artifacts, groups, registry
 from influence_ops import topk as topk_lib
+from influence_ops.config import InfluenceConfig
+from influence_ops.methods.base import InfluenceMethod
 from influence_ops.model import InfluenceModel
 
 log = logging.getLogger(__name__)
@@ -46,34 +47,48 @@ def default_ids(n: int, prefix: str = "train") -> np.ndarray:
     return np.char.add(f"{prefix}:", np.char.zfill(np.arange(n).astype(str), width))
 
 
-def build_method(imodel: InfluenceModel, method: str = "influence", **kwargs) -> M.InfluenceMethod:
-    """Method by name: influence, relatif, arnoldi (= influence with solver=arnoldi), tracin,
-    rps_l2, rps_lje."""
-    if method in ("influence", "relatif", "arnoldi", "exact", "cg", "lissa"):
-        if method in ("arnoldi", "exact", "cg", "lissa"):
-            kwargs.setdefault("solver", method)
-        if method == "relatif":
-            kwargs["relatif"] = True
-        return M.FirstOrderInfluence(imodel, **kwargs)
-    if method == "tracin":
-        return M.TracIn(imodel, **kwargs)
-    if method == "rps_l2":
-        return M.RepresenterPointsL2(imodel, **kwargs)
-    if method == "rps_lje":
-        return M.RepresenterPointsLJE(imodel, **kwargs)
-    raise ValueError(f"unknown method {method!r}: influence, relatif, arnoldi, exact, cg, "
-                     "lissa, tracin, rps_l2, rps_lje")
+def build_imodel(config: InfluenceConfig, model=None) -> InfluenceModel:
+    """The model wrapper of ``config`` (``model`` overrides ``config.model``)."""
+    model = config.model if model is None else model
+    if isinstance(model, InfluenceModel):
+        return model
+    return InfluenceModel(model, target_layers=config.target_layers, loss=config.loss,
+                          from_logits=config.from_logits, l2=config.l2)
+
+
+def build_method(imodel: InfluenceModel, config: InfluenceConfig) -> InfluenceMethod:
+    """The registered method ``config.method`` with the options of ``config``."""
+    return registry.get_method(config.method).from_config(imodel, config)
+
+
+def make_config(method: str = "influence", **options) -> InfluenceConfig:
+    """An :class:`InfluenceConfig` from keyword options (the CLI's names), validated.
+
+    ``method`` may also name a curvature model (``"exact"``, ``"arnoldi"``, ``"cg"``, ...): that
+    is influence with that solver."""
+    if method not in registry.method_names() and method in registry.curvature_names():
+        options.setdefault("solver", method)
+        method = "influence"
+    return InfluenceConfig(method=method, **options).validate()
 
 
 class InfluenceCalculator:
-    """Fits one influence method on a model and answers the usual questions."""
+    """Fits one influence method on a model and answers the usual questions.
 
-    def __init__(self, model, method: str = "influence", target_layers=None,
-                 loss="sparse_categorical_crossentropy", l2: float = 0.0,
-                 from_logits: Optional[bool] = None, **method_kwargs):
-        self.imodel = model if isinstance(model, InfluenceModel) else InfluenceModel(
-            model, target_layers=target_layers, loss=loss, from_logits=from_logits, l2=l2)
-        self.method = build_method(self.imodel, method, **method_kwargs)
+    Options are those of :class:`~influence_ops.config.InfluenceConfig`, under the command
+    line's names (``solver``, ``rank``, ``arnoldi_iter``, ``damping``, ``rps_lambda``, ...);
+    ``config=`` passes a whole config instead.
+    """
+
+    def __init__(self, model, method: str = "influence", config: InfluenceConfig = None,
+                 **options):
+        if config is None:
+            config = make_config(method, **options)
+        else:
+            config = (config.replace(**options) if options else config).validate()
+        self.config = config
+        self.imodel = build_imodel(config, model)
+        self.method = build_method(self.imodel, config)
 
     def fit(self, train, queries=None, query_ids=None) -> "InfluenceCalculator":
         x, y = as_arrays(train)
@@ -116,7 +131,7 @@ class InfluenceCalculator:
         return acc.extract()
 
     def influence_vectors(self, train) -> np.ndarray:
-        if not isinstance(self.method, M.FirstOrderInfluence):
+        if not hasattr(self.method, "influence_vectors"):
             raise ValueError("influence vectors are defined for influence-function methods")
         x, y = as_arrays(train)
         return self.method.influence_vectors(x, y)
@@ -129,14 +144,14 @@ class InfluenceCalculator:
             return groups.first_order_group_scores(self.method, qx, qy, x, y, group_ids,
                                                    query_ids)
         if order == 2:
-            if not isinstance(self.method, M.FirstOrderInfluence):
+            if not self.method.second_order_groups:
                 raise ValueError("second-order group influence needs an influence-function method")
             return groups.second_order_group_scores(self.method, self.imodel, qx, qy, x, y,
                                                     group_ids)
         raise ValueError("order must be 1 or 2")
 
     def save(self, directory: str) -> str:
-        return artifacts.save_method(self.method, directory)
+        return artifacts.save_method(self.method, self.config, directory)
 
     @classmethod
     def load(cls, directory: str, model, target_layers=None,
@@ -147,7 +162,7 @@ class InfluenceCalculator:
             target_layers = manifest["model"]["target_layers"]
         obj.imodel = model if isinstance(model, InfluenceModel) else InfluenceModel(
             model, target_layers=target_layers, loss=loss, from_logits=from_logits, l2=l2)
-        obj.method = artifacts.load_method(directory, obj.imodel)
+        obj.method, obj.config = artifacts.load_method_and_config(directory, obj.imodel)
         return obj
 
     def to_parquet(self, path: str, queries, train, k: int = 10, train_ids=None,

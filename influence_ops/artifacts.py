@@ -10,18 +10,19 @@ artifact never executes code. Paths may be local or ``gs://``.
 from __future__ import annotations
 
 import datetime
-import inspect
 import io
 import json
 import platform
 
 import numpy as np
 
-from influence_ops import methods as M
-from influence_ops import storage
+from influence_ops import registry, storage
+from influence_ops.config import InfluenceConfig
+from influence_ops.methods.base import InfluenceMethod
 from influence_ops.model import InfluenceModel
 
-FORMAT_VERSION = 1
+# 2: the method is rebuilt from its registered name and recorded options (one config).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
 
@@ -38,10 +39,14 @@ def library_versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def save_method(method: M.InfluenceMethod, directory: str, extra: dict = None) -> str:
-    """Writes the artifact; the manifest goes last so a reader never sees half an artifact."""
+def save_method(method: InfluenceMethod, config: InfluenceConfig, directory: str,
+                extra: dict = None) -> str:
+    """Writes the artifact; the manifest goes last so a reader never sees half an artifact.
+
+    ``config``: the options the method was built from (its method options are recorded, so
+    :func:`load_method` rebuilds the same method)."""
     method._check_fitted()
-    if isinstance(method, M.TracIn) and any(p is None for p in method.checkpoint_paths):
+    if not all(isinstance(c, str) for c in config.checkpoints):
         raise ArtifactError("a TracIn artifact refers to its checkpoints by path: build TracIn "
                             "from .keras paths to save it")
     storage.makedirs(directory)
@@ -52,8 +57,9 @@ def save_method(method: M.InfluenceMethod, directory: str, extra: dict = None) -
         f.write(buf.getvalue())
     manifest = {
         "format_version": FORMAT_VERSION,
-        "method": method.name,
-        "class": type(method).__name__,
+        "method": method.registered_name,
+        "module": type(method).__module__,
+        "options": config.method_options(),
         "params": method.params(),
         "model": method.imodel.describe(),
         "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items()},
@@ -74,16 +80,19 @@ def read_manifest(directory: str) -> dict:
     return json.loads(storage.read_text(path))
 
 
-_CLASSES = {c.__name__: c for c in (M.FirstOrderInfluence, M.TracIn, M.RepresenterPointsL2,
-                                    M.RepresenterPointsLJE)}
-
-
 def load_method(directory: str, imodel: InfluenceModel, check_fingerprint: bool = True
-                ) -> M.InfluenceMethod:
+                ) -> InfluenceMethod:
+    """Rebuilds the fitted method of an artifact for ``imodel`` (refuses another model)."""
+    return load_method_and_config(directory, imodel, check_fingerprint)[0]
+
+
+def load_method_and_config(directory: str, imodel: InfluenceModel,
+                           check_fingerprint: bool = True):
+    """``(method, config)``: the config holds the recorded method options."""
     manifest = read_manifest(directory)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{directory}: artifact format {manifest.get('format_version')} is "
-                            f"not supported (expected {FORMAT_VERSION})")
+                            f"not supported (expected {FORMAT_VERSION}): refit the method")
     want = manifest["model"]
     if check_fingerprint:
         have = imodel.fingerprint()
@@ -94,15 +103,13 @@ def load_method(directory: str, imodel: InfluenceModel, check_fingerprint: bool 
     if [l.name for l in imodel.target_layers] != want["target_layers"]:
         raise ArtifactError(f"{directory} targets layers {want['target_layers']}, the model "
                             f"wrapper targets {[l.name for l in imodel.target_layers]}")
-    cls = _CLASSES[manifest["class"]]
-    params = dict(manifest["params"])
-    sig = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in params.items() if k in sig}
-    if cls is M.TracIn:
-        kwargs["checkpoints"] = params["checkpoints"]
-    method = cls(imodel, **kwargs)
+    options = dict(manifest["options"])
+    registry.import_plugins(options.get("plugins"))
+    cls = registry.get_method(manifest["method"], manifest.get("module"))
+    config = InfluenceConfig.from_mapping(options)
+    method = cls.from_config(imodel, config)
     with storage.open_read(storage.join(directory, ARRAYS)) as f:
         data = np.load(io.BytesIO(f.read()), allow_pickle=False)
         arrays = {k: data[k] for k in data.files}
     method.restore(arrays)
-    return method
+    return method, config

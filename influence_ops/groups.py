@@ -23,12 +23,21 @@ import numpy as np
 from influence_ops import gradients as grads
 
 
+def per_group_sums(group_ids: np.ndarray, *arrays: np.ndarray):
+    """Sums the rows of each array per group: ``(unique ids, [sums (G, ...) float64], counts
+    (G,))``. The per-block step of the pipeline's group combines and of the in-memory path."""
+    uniq, inv = np.unique(np.asarray(group_ids), return_inverse=True)
+    sums = []
+    for arr in arrays:
+        s = np.zeros((len(uniq),) + np.shape(arr)[1:], dtype=np.float64)
+        np.add.at(s, inv, np.asarray(arr).astype(np.float64))
+        sums.append(s)
+    return uniq, sums, np.bincount(inv, minlength=len(uniq))
+
+
 def group_sums(features: np.ndarray, group_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sums rows of ``features`` ``(n, k)`` per group; returns (unique ids, sums, counts)."""
-    uniq, inv = np.unique(np.asarray(group_ids), return_inverse=True)
-    sums = np.zeros((len(uniq), features.shape[1]), dtype=np.float64)
-    np.add.at(sums, inv, features.astype(np.float64))
-    counts = np.bincount(inv, minlength=len(uniq))
+    uniq, (sums,), counts = per_group_sums(group_ids, features)
     return uniq, sums, counts
 
 
@@ -37,9 +46,11 @@ def first_order_group_scores(method, query_x, query_y, train_x, train_y, group_i
     """``(groups, scores (m, G), self (G,))`` for a fitted first-order method."""
     uniq, phi, _ = group_sums(method.train_features(train_x, train_y), group_ids)
     q = method.query_features(query_x, query_y, query_ids).astype(np.float64)
-    if getattr(method, "inverse", True) is None:
-        # CG / LiSSA: no query-side map for training examples; solve per group instead:
-        # self(U) = g_U^T H^-1 (sum_i w_i g_i), w_i = 1 (or 1/||H^-1 g_i|| for RelatIF).
+    psi_train = method.self_query_features(train_x, train_y)
+    if psi_train is None:
+        # No query-side map for training examples (an unfactored curvature: CG, LiSSA):
+        # solve per group instead: self(U) = g_U^T H^-1 (sum_i w_i g_i), w_i = 1 (or
+        # 1/||H^-1 g_i|| for RelatIF).
         g = grads.per_example_gradients(method.imodel, train_x, train_y).astype(np.float64)
         _, g_sum, _ = group_sums(g, group_ids)
         if method.relatif:
@@ -49,7 +60,7 @@ def first_order_group_scores(method, query_x, query_y, train_x, train_y, group_i
         else:
             v = method.solve(g_sum)
         return uniq, q @ phi.T, np.sum(g_sum * v, axis=1)
-    _, psi, _ = group_sums(method._self_query_features(train_x, train_y), group_ids)
+    _, psi, _ = group_sums(psi_train, group_ids)
     return uniq, q @ phi.T, np.sum(phi * psi, axis=1)
 
 

@@ -215,8 +215,7 @@ class InfluenceModel:
         y = np.asarray(y)
         if y.shape[0] != n:
             raise InfluenceModelError(f"labels have {y.shape[0]} rows but inputs have {n}")
-        out_shape = self.model.outputs[0].shape if getattr(self.model, "outputs", None) else None
-        n_out = int(out_shape[-1]) if out_shape is not None and out_shape[-1] is not None else None
+        n_out = self.n_outputs
         if self.label_mode == "sparse":
             if y.ndim == 2 and y.shape[1] == 1:
                 y = y[:, 0]
@@ -232,6 +231,42 @@ class InfluenceModel:
                 raise InfluenceModelError(
                     f"categorical_crossentropy needs one-hot labels of shape (n, {n_out}), got "
                     f"{y.shape}")
+        return y
+
+    @property
+    def n_outputs(self) -> Optional[int]:
+        """Width of the model's (first) output, or None when unknown."""
+        outputs = getattr(self.model, "outputs", None)
+        if not outputs or outputs[0].shape[-1] is None:
+            return None
+        return int(outputs[0].shape[-1])
+
+    def label_problems(self, y) -> np.ndarray:
+        """Rows whose label cannot go into the loss ``(n,)`` bool: the pipeline dead-letters
+        those rows (a bad label rejects a row, not a block); :meth:`check_labels` raises."""
+        y = np.asarray(y)
+        n_out = self.n_outputs
+        bad = np.zeros(len(y), dtype=bool)
+        if self.label_mode == "sparse":
+            flat = y.reshape(len(y), -1)
+            if flat.shape[1] != 1 or not np.issubdtype(flat.dtype, np.number):
+                return np.ones(len(y), dtype=bool)
+            v = flat[:, 0].astype(np.float64)
+            bad = ~np.isfinite(v) | (v < 0) | (v != np.round(v))
+            if n_out is not None:
+                bad |= v >= n_out
+        elif self.label_mode == "onehot":
+            flat = y.reshape(len(y), -1)
+            if n_out is not None and flat.shape[1] != n_out:
+                return np.ones(len(y), dtype=bool)
+            bad = ~np.isfinite(flat.astype(np.float64)).all(axis=1)
+        return bad
+
+    def normalize_labels(self, y) -> np.ndarray:
+        """Labels in the form the loss takes (integer ``(n,)`` for sparse losses)."""
+        y = np.asarray(y)
+        if self.label_mode == "sparse":
+            return y.reshape(len(y)).astype(np.int64)
         return y
 
     # ------------------------------------------------------------------ flat parameters

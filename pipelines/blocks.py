@@ -1,11 +1,44 @@
-"""The pipeline's element: a block of examples with stable string ids (never one per example)."""
+"""The pipeline's elements: blocks of examples with stable string ids (never one per
+example), their featurized form, and the typed side records (dead letters, stage timings)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
+import apache_beam as beam
 import numpy as np
+
+from pipelines.constants import DEAD, TIMING
+
+
+class DeadLetter(NamedTuple):
+    """A rejected row: where it came from, its id and why (one row of ``dead_letter/``)."""
+    source: str
+    example_id: str
+    error: str
+
+
+class Timing(NamedTuple):
+    """Seconds one stage spent on one element (summed into the run manifest)."""
+    stage: str
+    seconds: float
+
+
+def dead_letter(source: str, example_id, error) -> beam.pvalue.TaggedOutput:
+    """The one way a stage rejects a row: a :class:`DeadLetter` on the ``dead`` output."""
+    return beam.pvalue.TaggedOutput(DEAD, DeadLetter(str(source), str(example_id), str(error)))
+
+
+def dead_rows(block: "Block", mask: np.ndarray, reason):
+    """Dead letters for the rows of ``block`` selected by ``mask``; ``reason`` is a string or
+    a callable ``(row index) -> str``."""
+    for i in np.nonzero(mask)[0]:
+        yield dead_letter(block.source, block.ids[i], reason(i) if callable(reason) else reason)
+
+
+def timing(stage: str, seconds: float) -> beam.pvalue.TaggedOutput:
+    return beam.pvalue.TaggedOutput(TIMING, Timing(stage, float(seconds)))
 
 
 @dataclass

@@ -38,11 +38,10 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.blocks import Block, row_ids, split_rows
+from pipelines.blocks import Block, dead_letter, dead_rows, row_ids, split_rows
+from pipelines.constants import DEAD, NAMESPACE
 
 log = logging.getLogger(__name__)
-NAMESPACE = "influence"
-DEAD = "dead"
 TFDS_MIN_SHARDS = 8
 TFDS_SHARD_EXAMPLES = 65536   # more shards than TFDS_MIN_SHARDS only for larger splits
 
@@ -143,7 +142,7 @@ class _ReadFile(beam.DoFn):
         self.read_counter.inc(len(ids))
         self.dead_counter.inc(len(ids))
         for i, r in zip(ids, reasons):
-            yield beam.pvalue.TaggedOutput(DEAD, (source, str(i), str(r)))
+            yield dead_letter(source, i, r)
 
     def _keys(self):
         c = self.cfg
@@ -492,9 +491,7 @@ class ValidateBlocks(beam.DoFn):
             finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
             if not finite.all():
                 self.bad.inc(int((~finite).sum()))
-                for i in np.nonzero(~finite)[0]:
-                    yield beam.pvalue.TaggedOutput(DEAD, (block.source, str(block.ids[i]),
-                                                          "non-finite feature values"))
+                yield from dead_rows(block, ~finite, "non-finite feature values")
                 block = block.take(finite)
         if len(block):
             yield block
@@ -506,11 +503,11 @@ class ReadExamples(beam.PTransform):
     Sources are matched / opened at construction, so a bad spec fails early and clearly.
     """
 
-    def __init__(self, spec: str, opts, role: str = "train"):
+    def __init__(self, spec: str, config, role: str = "train"):
         super().__init__()
         self.kind, self.rest = parse_source(spec)
         self.role = role
-        self.cfg = {k: getattr(opts, k) for k in (
+        self.cfg = {k: getattr(config, k) for k in (
             "x_key", "y_key", "id_key", "group_key", "input_shape", "feature_spec",
             "tfds_data_dir", "block_size")}
         if role == "query":

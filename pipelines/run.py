@@ -30,45 +30,22 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (PipelineOptions, SetupOptions,
                                                   StandardOptions)
 
-from pipelines import stages
-from pipelines.options import InfluenceOptions
+from influence_ops.config import ConfigError, InfluenceConfig
+from pipelines import featurize, fit, groups, score
+from pipelines.constants import ARTIFACT, MANIFEST, METRICS, NAMESPACE, SUCCESS, TABLES
+from pipelines.finalize import RunError, SumCount, _join, finalize
+from pipelines.options import job_config
 from pipelines.read import ReadExamples
 
 log = logging.getLogger(__name__)
-SUCCESS = "_SUCCESS"
-MANIFEST = "run_manifest.json"
-METRICS = "run_metrics.json"
-TABLES = ("topk", "self_influence", "pairwise", "features", "groups", "group_self", "dead_letter")
 
 
-class RunError(RuntimeError):
-    pass
-
-
-def _join(*parts):
-    return FileSystems.join(*parts)
-
-
-def validate(opts: InfluenceOptions) -> None:
-    """Option errors that would otherwise surface deep inside a worker."""
-    missing = [f"--{k}" for k in ("model", "train", "queries", "output") if not getattr(opts, k)]
-    if missing:
-        raise RunError(f"missing required options: {', '.join(missing)}")
-    if opts.method == "tracin":
-        ck = [c for c in opts.checkpoints.split(",") if c]
-        lr = [c for c in opts.learning_rates.split(",") if c]
-        if not ck or len(ck) != len(lr):
-            raise RunError("--method=tracin needs --checkpoints and one --learning_rates value "
-                           f"per checkpoint (got {len(ck)} checkpoints, {len(lr)} rates)")
-    if opts.group_key and opts.group_order == 2 and opts.method not in ("influence", "relatif"):
-        raise RunError("--group_order=2 (second-order group influence) needs an influence-"
-                       f"function method (--method=influence or relatif), not {opts.method}")
-    if opts.k < 1:
-        raise RunError("--k must be >= 1")
-    if opts.block_size < 1 or opts.batch_size < 1:
-        raise RunError("--block_size and --batch_size must be >= 1")
-    if not 0.0 <= opts.max_bad_fraction <= 1.0:
-        raise RunError("--max_bad_fraction must lie in [0, 1]")
+def validate(config: InfluenceConfig) -> InfluenceConfig:
+    """The job's config, validated (option errors would otherwise surface inside a worker)."""
+    try:
+        return config.validate(for_job=True)
+    except ConfigError as e:
+        raise RunError(str(e)) from None
 
 
 def prepare_output(output: str, overwrite: bool) -> None:
@@ -112,38 +89,33 @@ def _rows(table):
     return table.num_rows
 
 
-def build(p: beam.Pipeline, opts: InfluenceOptions, label_spec=None,
+def build(p: beam.Pipeline, config: InfluenceConfig,
           run_options: Optional[dict] = None) -> None:
     """Adds the job's stages to ``p``, finalisation included.
 
-    ``label_spec``: ``(label_mode, n_outputs)`` of the model (from ``stages.label_spec``); rows
-    whose labels do not fit are dead-lettered. ``run_options``: the JSON-able options recorded
-    in the run manifest.
+    ``config``: the job's validated config, handed to every stage. ``run_options``: the
+    JSON-able options recorded in the run manifest.
     """
     from influence_ops import schemas
-    cfg = stages.model_config(opts)
-    out = opts.output
-    if label_spec is None:
-        label_spec = stages.label_spec(stages.build_imodel(cfg))
-    train, dead_read_t = p | "ReadTrain" >> ReadExamples(opts.train, opts, "train")
-    queries, dead_read_q = p | "ReadQueries" >> ReadExamples(opts.queries, opts, "query")
+    opts = config
+    out = config.output
+    train, dead_read_t = p | "ReadTrain" >> ReadExamples(config.train, config, "train")
+    queries, dead_read_q = p | "ReadQueries" >> ReadExamples(config.queries, config, "query")
     counts = {"train_read_valid": _total(train, "TrainRead"),
               "query_read_valid": _total(queries, "QueryRead"),
               "dead_at_read": _total((dead_read_t, dead_read_q) | "DeadRead" >> beam.Flatten(),
                                      "DeadAtRead", size=lambda _: 1)}
-    checked = {}
-    for role, blocks in (("Train", train), ("Queries", queries)):
-        checked[role] = blocks | f"ValidateLabels{role}" >> beam.ParDo(
-            stages.ValidateLabels(*label_spec)).with_outputs("dead", main="blocks")
-    train, queries = checked["Train"].blocks, checked["Queries"].blocks
-    artifact = train | "FitMethod" >> stages.FitMethod(cfg, _join(out, "artifact"), queries)
-    train_f, time_tf = train | "FeaturizeTrain" >> stages.Featurize(cfg, artifact, "train")
-    query_f, time_qf = queries | "FeaturizeQueries" >> stages.Featurize(cfg, artifact, "query")
+    train, dead_label_t = featurize.validate_labels(train, config, "ValidateLabelsTrain")
+    queries, dead_label_q = featurize.validate_labels(queries, config, "ValidateLabelsQueries")
+    artifact = train | "FitMethod" >> fit.FitMethod(config, _join(out, ARTIFACT), queries)
+    train_f, time_tf = train | "FeaturizeTrain" >> featurize.Featurize(config, artifact, "train")
+    query_f, time_qf = queries | "FeaturizeQueries" >> featurize.Featurize(config, artifact,
+                                                                          "query")
     counts["train_examples_featurized"] = _total(train_f, "TrainFeaturized")
     counts["query_examples_featurized"] = _total(query_f, "QueryFeaturized")
-    scored = train_f | "Score" >> stages.Score(query_f, opts.k, opts.write_pairwise,
-                                               opts.write_features)
-    topk = scored.topk | "MergeTopK" >> stages.MergeTopK(query_f)
+    scored = train_f | "Score" >> score.Score(query_f, opts.k, opts.write_pairwise,
+                                              opts.write_features)
+    topk = scored.topk | "MergeTopK" >> score.MergeTopK(query_f)
     tables = {"topk": topk, "self_influence": scored.self}
     written = {"topk": _write(topk, out, "topk", schemas.TOPK_SCHEMA),
                "self_influence": _write(scored.self, out, "self_influence",
@@ -153,23 +125,23 @@ def build(p: beam.Pipeline, opts: InfluenceOptions, label_spec=None,
         written["pairwise"] = _write(scored.pairwise, out, "pairwise", schemas.PAIRWISE_SCHEMA)
     if opts.write_features:
         feats = ((scored.features, query_f | "QueryFeatureTables" >> beam.Map(
-            stages.features_table, "query")) | "AllFeatures" >> beam.Flatten())
+            score.features_table, "query")) | "AllFeatures" >> beam.Flatten())
         # The fixed-size list width is only known at run time: pyarrow infers the schema.
         tables["features"] = feats
         written["features"] = _write(feats, out, "features")
     if opts.group_key:
         if opts.group_order == 1:
-            g_scores, g_self = train_f | "FirstOrderGroups" >> stages.FirstOrderGroups(query_f)
+            g_scores, g_self = train_f | "FirstOrderGroups" >> groups.FirstOrderGroups(query_f)
             tables["group_self"] = g_self
             written["group_self"] = _write(g_self, out, "group_self",
                                            schemas.GROUP_SELF_SCHEMA)
         else:
             n_train = _total(train, "TrainForGroups")
-            g_scores = train | "SecondOrderGroups" >> stages.SecondOrderGroups(
-                cfg, artifact, queries, n_train)
+            g_scores = train | "SecondOrderGroups" >> groups.SecondOrderGroups(
+                config, artifact, queries, n_train)
         tables["groups"] = g_scores
         written["groups"] = _write(g_scores, out, "groups", schemas.GROUP_SCHEMA)
-    dead = ((dead_read_t, dead_read_q, checked["Train"].dead, checked["Queries"].dead)
+    dead = ((dead_read_t, dead_read_q, dead_label_t, dead_label_q)
             | "AllDead" >> beam.Flatten()
             | "DeadList" >> beam.combiners.ToList()
             | "DeadTable" >> beam.Map(_dead_table))
@@ -187,105 +159,19 @@ def build(p: beam.Pipeline, opts: InfluenceOptions, label_spec=None,
     for name, pc in written.items():
         facts.append(pc | f"FactFiles_{name}" >> beam.Map(lambda f, n=name: ("file", n, f)))
     timings = ((time_tf, time_qf, scored.timing) | "AllTimings" >> beam.Flatten()
-               | "TimingSums" >> beam.CombinePerKey(_SumCount()))
+               | "TimingSums" >> beam.CombinePerKey(SumCount()))
     facts.append(timings | "FactTimings" >> beam.Map(lambda kv: ("timing", kv[0], kv[1])))
     _ = (facts | "AllFacts" >> beam.Flatten() | "Gather" >> beam.combiners.ToList()
          | "Finalize" >> beam.Map(finalize, out, dict(run_options or {}),
-                                  opts.max_bad_fraction, opts.method,
-                                  opts.solver if opts.method in ("influence", "relatif")
-                                  else None))
+                                  opts.max_bad_fraction, opts.method, _solver_name(config)))
 
 
-class _SumCount(beam.CombineFn):
-    """(seconds) -> {"seconds": total, "blocks": count}."""
-
-    def create_accumulator(self):
-        return [0.0, 0]
-
-    def add_input(self, acc, sec):
-        acc[0] += sec
-        acc[1] += 1
-        return acc
-
-    def merge_accumulators(self, accs):
-        accs = list(accs)
-        return [sum(a[0] for a in accs), sum(a[1] for a in accs)]
-
-    def extract_output(self, acc):
-        return {"seconds": round(acc[0], 3), "blocks": acc[1]}
-
-
-def _footer_rows(paths: List[str]) -> int:
-    import io
-    import pyarrow.parquet as pq
-    n = 0
-    for path in paths:
-        with FileSystems.open(path) as f:
-            n += pq.ParquetFile(io.BytesIO(f.read())).metadata.num_rows
-    return n
-
-
-def finalize(facts, output: str, run_options: dict, max_bad_fraction: float, method: str,
-             solver: Optional[str]) -> str:
-    """The job's last step: verify, write run_manifest.json, then _SUCCESS (or fail the job)."""
-    from influence_ops import artifacts
-    counts, rows, files, timings, art = {}, {}, {}, {}, None
-    for kind, name, value in facts:
-        if kind == "count":
-            counts[name] = value
-        elif kind == "rows":
-            rows[name] = value
-        elif kind == "file":
-            files.setdefault(name, []).append(value)
-        elif kind == "timing":
-            timings[name] = value
-        else:
-            art = value
-    problems = []
-    on_disk = {name: _footer_rows(files.get(name, [])) for name in rows}
-    for name in rows:  # Beam issue 25041: trust the files, not the writer
-        if on_disk[name] != rows[name]:
-            problems.append(f"{name}: {rows[name]} rows were written but the Parquet files "
-                            f"hold {on_disk[name]}")
-    dead = on_disk.get("dead_letter", 0)
-    read = counts["train_read_valid"] + counts["query_read_valid"] + counts["dead_at_read"]
-    featurized = counts["train_examples_featurized"]
-    if on_disk.get("self_influence", 0) != featurized:
-        problems.append(f"self_influence has {on_disk.get('self_influence', 0)} rows but "
-                        f"{featurized} training examples were featurized")
-    accounted = on_disk.get("self_influence", 0) + counts["query_examples_featurized"] + dead
-    if accounted != read:
-        problems.append(f"{read} examples read but {accounted} accounted for "
-                        "(self_influence + queries + dead letters)")
-    if read and dead > max_bad_fraction * read:
-        problems.append(f"{dead} of {read} examples were dead-lettered, above "
-                        f"--max_bad_fraction={max_bad_fraction}; see "
-                        f"{_join(output, 'dead_letter')}")
-    if on_disk.get("topk", 0) == 0:
-        problems.append("topk is empty")
-    art_manifest = artifacts.read_manifest(art)
-    manifest = {
-        "method": method,
-        "solver": solver,
-        "options": run_options,
-        "artifact": art_manifest,
-        "versions": artifacts.library_versions(),
-        "counters": {"examples_read": read, "train_examples_featurized": featurized,
-                     "query_examples_featurized": counts["query_examples_featurized"],
-                     "train_examples_scored": on_disk.get("self_influence", 0),
-                     "examples_dead_lettered": dead},
-        "timings": {"fit_seconds": art_manifest.get("fit_seconds"), **timings},
-        "row_counts": on_disk,
-        "problems": problems,
-    }
-    with FileSystems.create(_join(output, MANIFEST)) as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
-    if problems:
-        raise RunError("the result is not valid (no _SUCCESS written): " + "; ".join(problems))
-    with FileSystems.create(_join(output, SUCCESS)) as f:
-        f.write(b"")
-    log.info("finalised %s: %s", output, ", ".join(f"{k}={v}" for k, v in on_disk.items()))
-    return output
+def _solver_name(config: InfluenceConfig) -> Optional[str]:
+    """The curvature model the method uses (None for methods without one)."""
+    from influence_ops import registry
+    cls = registry.get_method(config.method)
+    default = getattr(cls, "default_solver", None)
+    return (config.solver or default) if default else None
 
 
 def _metrics(result) -> dict:
@@ -296,7 +182,7 @@ def _metrics(result) -> dict:
     """
     out = {"counters": {}, "distributions": {}}
     try:
-        res = result.metrics().query(MetricsFilter().with_namespace(stages.NAMESPACE))
+        res = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     except Exception as e:  # noqa: BLE001 - some runners cannot report metrics
         log.warning("metrics unavailable from this runner: %s", e)
         return out
@@ -357,17 +243,20 @@ def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = N
     """
     opts = options or PipelineOptions(argv)
     opts.view_as(SetupOptions).save_main_session = False
-    iopts = opts.view_as(InfluenceOptions)
+    config = validate(job_config(opts))
+    # Before anything runs a TF op in this process (the default runner's workers share it).
+    from pipelines.worker import configure_worker
+    configure_worker(config)
     # Driver-side file operations (output checks, manifest, marker) use the job's options too.
     FileSystems.set_options(opts)
-    validate(iopts)
     # Fail fast on the driver: the model must load and the target layers must exist.
-    imodel = stages.build_imodel(stages.model_config(iopts))
-    prepare_output(iopts.output, iopts.overwrite)
+    from influence_ops.api import build_imodel
+    build_imodel(config)
+    prepare_output(config.output, config.overwrite)
     t0 = time.time()
     p = make_pipeline(opts)
-    build(p, iopts, stages.label_spec(imodel), _json_options(opts))
-    log.info("running %s/%s on %s", iopts.method, iopts.solver,
+    build(p, config, _json_options(opts))
+    log.info("running %s/%s on %s", config.method, _solver_name(config) or "-",
              opts.view_as(StandardOptions).runner or "FnApiRunner")
     try:
         result = p.run()
@@ -375,17 +264,17 @@ def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = N
             return result
         result.wait_until_finish()
     except Exception as e:  # noqa: BLE001 - runners wrap worker errors in their own types
-        manifest = read_manifest(iopts.output)
+        manifest = read_manifest(config.output)
         if manifest and manifest.get("problems"):
             raise RunError("run finished but its result is not valid (no _SUCCESS written): "
                            + "; ".join(manifest["problems"])) from e
         raise
-    manifest = read_manifest(iopts.output)
-    if manifest is None or not FileSystems.exists(_join(iopts.output, SUCCESS)):
-        raise RunError(f"the job ended without finalising {iopts.output}")
+    manifest = read_manifest(config.output)
+    if manifest is None or not FileSystems.exists(_join(config.output, SUCCESS)):
+        raise RunError(f"the job ended without finalising {config.output}")
     metrics = _metrics(result)
     metrics["wall_seconds"] = round(time.time() - t0, 3)
-    with FileSystems.create(_join(iopts.output, METRICS)) as f:
+    with FileSystems.create(_join(config.output, METRICS)) as f:
         f.write(json.dumps(metrics, indent=2, sort_keys=True, default=str).encode())
     log.info("done in %.1fs: %s", metrics["wall_seconds"],
              ", ".join(f"{k}={v}" for k, v in manifest["row_counts"].items()))

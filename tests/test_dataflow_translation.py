@@ -50,8 +50,7 @@ from apache_beam.runners.dataflow.internal import apiclient
 from google.cloud import dataflow  # google-cloud-dataflow-client, part of apache-beam[gcp]
 
 from pipelines import run as run_lib
-from pipelines import stages
-from pipelines.options import InfluenceOptions
+from pipelines.options import InfluenceOptions, job_config
 
 IMAGE = "gcr.io/p/influence-worker:1"
 ACCELERATOR = "worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"
@@ -144,9 +143,9 @@ def test_dataflow_gpu_job_translation(inputs, offline_dataflow):
     opts.view_as(SetupOptions).save_main_session = False
     iopts = opts.view_as(InfluenceOptions)
     run_lib.validate(iopts)
-    imodel = stages.build_imodel(stages.model_config(iopts))
+    config = run_lib.validate(job_config(opts))
     p = run_lib.make_pipeline(opts)
-    run_lib.build(p, iopts, stages.label_spec(imodel))
+    run_lib.build(p, config)
     result = p.run()
 
     rec = offline_dataflow

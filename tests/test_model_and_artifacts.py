@@ -64,7 +64,7 @@ def test_missing_model_file_and_safe_mode(tmp_path, small):
 
 def test_artifact_round_trip_and_fingerprint_refusal(tmp_path, small):
     model, x, y, xq, yq = small
-    calc = InfluenceCalculator(model, solver="arnoldi", n_iter=20, top_k=8).fit((x, y))
+    calc = InfluenceCalculator(model, solver="arnoldi", arnoldi_iter=20, rank=8).fit((x, y))
     d = str(tmp_path / "art")
     calc.save(d)
     manifest = json.loads(open(os.path.join(d, "manifest.json")).read())
@@ -83,7 +83,7 @@ def test_artifact_round_trip_and_fingerprint_refusal(tmp_path, small):
 
 
 @pytest.mark.parametrize("method,kwargs", [
-    ("exact", {}), ("cg", {"damping": 1.0}), ("rps_l2", {"lam": 0.01}), ("rps_lje", {}),
+    ("exact", {}), ("cg", {"damping": 1.0}), ("rps_l2", {"rps_lambda": 0.01}), ("rps_lje", {}),
 ])
 def test_every_method_round_trips(tmp_path, small, method, kwargs):
     model, x, y, xq, yq = small

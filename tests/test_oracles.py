@@ -68,7 +68,7 @@ def test_exact_influence_equals_numpy_logistic_regression(logreg):
 def test_full_rank_arnoldi_equals_exact(mlp):
     d = mlp["im"].n_params
     exact = InfluenceCalculator(mlp["im"], solver="exact").fit((mlp["x"], mlp["y"]))
-    arn = InfluenceCalculator(mlp["im"], solver="arnoldi", n_iter=d, top_k=d).fit(
+    arn = InfluenceCalculator(mlp["im"], solver="arnoldi", arnoldi_iter=d, rank=d).fit(
         (mlp["x"], mlp["y"]))
     q, t = (mlp["xq"], mlp["yq"]), (mlp["x"], mlp["y"])
     ref = mlp["gq"] @ np.linalg.solve(mlp["H"], mlp["g"].T)
@@ -79,15 +79,15 @@ def test_full_rank_arnoldi_equals_exact(mlp):
 
 def test_truncated_arnoldi_equals_exact_on_same_eigenvectors(mlp):
     k = 5
-    arn = InfluenceCalculator(mlp["im"], solver="arnoldi", n_iter=mlp["im"].n_params,
-                              top_k=k).fit((mlp["x"], mlp["y"]))
+    arn = InfluenceCalculator(mlp["im"], solver="arnoldi", arnoldi_iter=mlp["im"].n_params,
+                              rank=k).fit((mlp["x"], mlp["y"]))
     evals, evecs = np.linalg.eigh(mlp["H"])
     top = np.argsort(-np.abs(evals))[:k]
     U, lam = evecs[:, top], evals[top]
     ref = (mlp["gq"] @ U / lam) @ (U.T @ mlp["g"].T)
     s = arn.influence((mlp["xq"], mlp["yq"]), (mlp["x"], mlp["y"]))
     assert rel_err(s, ref) <= 1e-6
-    np.testing.assert_allclose(np.sort(np.abs(arn.method.inverse.lam)),
+    np.testing.assert_allclose(np.sort(np.abs(arn.method.curvature.eigen.lam)),
                                np.sort(np.abs(lam)), rtol=1e-8)
 
 
@@ -206,7 +206,7 @@ def trained_mlp():
 def test_rps_l2_representer_values_sum_to_surrogate_output(trained_mlp):
     model, x, y, xq, yq = trained_mlp
     im = InfluenceModel(model)
-    calc = InfluenceCalculator(im, method="rps_l2", lam=1e-2).fit((x, y))
+    calc = InfluenceCalculator(im, method="rps_l2", rps_lambda=1e-2).fit((x, y))
     assert calc.method.fit_gradient_norm < 1e-6
     s = calc.influence((xq, yq), (x, y))
     logits = calc.method.surrogate_logits(xq)[np.arange(len(xq)), yq]
@@ -220,7 +220,7 @@ def test_rps_l2_representer_values_sum_to_surrogate_output(trained_mlp):
 def test_rps_lje_values_sum_to_newton_logits(trained_mlp):
     model, x, y, xq, yq = trained_mlp
     im = InfluenceModel(model)
-    calc = InfluenceCalculator(im, method="rps_lje", step=1e-3).fit((x, y))
+    calc = InfluenceCalculator(im, method="rps_lje", lje_step=1e-3).fit((x, y))
     s = calc.influence((xq, yq), (x, y))
     # The representer values of a test point sum to its class-c logit after one Newton step
     # from theta0 on the fit set (the LJE expansion). Oracle: that Newton step in numpy with the
@@ -247,7 +247,7 @@ def test_rps_lje_at_the_optimum_recovers_the_logit_with_l2(l2):
                         from_logits=True, l2=l2)
     theta = helpers.newton_logistic(x, y, l2)
     im.set_flat_params(theta)
-    calc = InfluenceCalculator(im, method="rps_lje", step=1e-3).fit((x, y))
+    calc = InfluenceCalculator(im, method="rps_lje", lje_step=1e-3).fit((x, y))
     s = calc.influence((xq, yq), (x, y))
     logit = xq @ theta[:-1] + theta[-1]
     sign = np.where(yq[:, 0] >= 0.5, 1.0, -1.0)
@@ -255,7 +255,7 @@ def test_rps_lje_at_the_optimum_recovers_the_logit_with_l2(l2):
 
 
 def test_rps_l2_binary_query_label_chooses_the_class(logreg):
-    calc = InfluenceCalculator(logreg["im"], method="rps_l2", lam=1e-2).fit(
+    calc = InfluenceCalculator(logreg["im"], method="rps_l2", rps_lambda=1e-2).fit(
         (logreg["x"], logreg["y"]))
     xq = logreg["xq"]
     ones, zeros = np.ones((len(xq), 1)), np.zeros((len(xq), 1))

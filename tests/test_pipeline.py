@@ -95,12 +95,12 @@ def calc(setup, method="influence", **kw):
 @pytest.mark.parametrize("flags,method,kwargs", [
     (["--solver=exact"], "influence", dict(solver="exact")),
     (["--solver=arnoldi", "--rank=10", "--arnoldi_iter=20"], "influence",
-     dict(solver="arnoldi", top_k=10, n_iter=20)),
+     dict(solver="arnoldi", rank=10, arnoldi_iter=20)),
     (["--method=relatif", "--solver=exact"], "relatif", dict(solver="exact")),
     (["--solver=cg", "--damping=0.1"], "influence", dict(solver="cg", damping=0.1)),
     (["--solver=lissa", "--damping=0.1", "--lissa_scale=20", "--lissa_depth=100"], "influence",
      dict(solver="lissa", damping=0.1, lissa_scale=20.0, lissa_depth=100)),
-    (["--method=rps_l2", "--rps_lambda=0.01"], "rps_l2", dict(lam=0.01)),
+    (["--method=rps_l2", "--rps_lambda=0.01"], "rps_l2", dict(rps_lambda=0.01)),
     (["--method=rps_lje", "--solver=exact"], "rps_lje", dict()),
 ])
 def test_pipeline_equals_in_process(setup, flags, method, kwargs):

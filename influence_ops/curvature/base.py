@@ -1,0 +1,108 @@
+"""The curvature protocol: a model of ``H + damping I`` and its inverse, behind one interface.
+
+``H`` is the Hessian of the training objective ``mean_i l(z_i) + l2/2 ||theta||^2`` with
+respect to the target weights theta (``d`` numbers, see :class:`InfluenceModel`). Influence
+methods hold a :class:`Curvature` object and never branch on its name:
+
+* every curvature **solves**: :meth:`Curvature.solve` applies ``(H + damping)^-1`` to a block
+  of vectors ``(n, d)``;
+* a **factored** curvature (``factored = True``: exact eigendecomposition, Arnoldi, EK-FAC)
+  also offers symmetric feature maps ``phi(g)``/``psi(g)`` with
+  ``<psi(g_test), phi(g_train)> = g_test^T (H + damping)^-1 g_train``, computed from the
+  per-example gradients of a block in one fused pass (:meth:`Curvature.gradient_maps`). The
+  pipeline then scores training blocks against query features without solving anything;
+* an unfactored curvature (CG, LiSSA) solves the queries once at fit time, and training
+  examples are scored by projecting their gradients on those solutions.
+
+Fitting comes in two forms: :meth:`Curvature.fit` on a sample in memory, or
+:meth:`Curvature.fit_from_combined` from the output of the Beam-free combiner returned by
+:meth:`Curvature.combiner` (a distributed sum over all training blocks: exact Hessian,
+Kronecker factors). A new curvature model is one module with a class registered by
+``@register_curvature("name")``; its constructor reads what it needs from the
+:class:`~influence_ops.config.InfluenceConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+
+from influence_ops.model import InfluenceModel
+
+
+class Curvature:
+    """Base class. Subclasses set ``factored`` and implement what their kind needs."""
+
+    registered_name = "base"
+    factored = False
+
+    def __init__(self, imodel: InfluenceModel, config):
+        self.imodel = imodel
+        self.config = config
+        self.damping = float(config.damping)
+        self.batch_size = int(config.batch_size)
+        self.fitted = False
+
+    # -- fitting ------------------------------------------------------------------------------
+    @classmethod
+    def combiner(cls, config, imodel_factory):
+        """A combiner (``influence_ops.combiners`` protocol) whose output fits this curvature
+        from all training data (:meth:`fit_from_combined`), or None when it fits on a sample.
+        A class method: the pipeline builds the combiner before any model is loaded."""
+        return None
+
+    def fit(self, x, y) -> "Curvature":
+        raise NotImplementedError
+
+    def fit_from_combined(self, output) -> "Curvature":
+        raise NotImplementedError(f"{self.registered_name} has no combiner")
+
+    # -- applying -----------------------------------------------------------------------------
+    def solve(self, G: np.ndarray) -> np.ndarray:
+        """``(H + damping I)^-1`` applied to the rows of ``G`` ``(n, d)``; float64 ``(n, d)``."""
+        raise NotImplementedError
+
+    # Factored curvatures only ---------------------------------------------------------------
+    @property
+    def feature_dim(self) -> int:
+        raise NotImplementedError
+
+    def gradient_maps(self, x, y, train: bool = True, query: bool = True,
+                      inverse_norms: bool = False) -> Dict[str, np.ndarray]:
+        """From one pass over the per-example gradients ``g`` of a block: ``train`` (phi,
+        ``(n, k)``), ``query`` (psi on the same examples) and ``inverse_norms``
+        (``||(H + damping)^-1 g||``, ``(n,)``), float64, whichever are asked for."""
+        raise NotImplementedError
+
+    def query_maps(self, x, y) -> np.ndarray:
+        """psi of query examples ``(m, k)`` in the model's dtype (the cheapest path)."""
+        return self.gradient_maps(x, y, train=False, query=True)["query"]
+
+    def train_map(self, G: np.ndarray) -> np.ndarray:
+        """phi of explicit vectors ``(n, d)`` (not necessarily gradients), float64."""
+        raise NotImplementedError
+
+    def query_map(self, G: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- state --------------------------------------------------------------------------------
+    def params(self) -> dict:
+        """JSON-able facts about the fitted curvature (recorded in the artifact)."""
+        return {}
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        return {}
+
+    def restore(self, arrays: Dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def _check_fitted(self):
+        if not self.fitted:
+            raise RuntimeError(f"curvature {self.registered_name!r} is not fitted")
+
+
+def build_curvature(imodel: InfluenceModel, config, name: Optional[str] = None) -> Curvature:
+    """The registered curvature model ``name`` (default ``config.solver``)."""
+    from influence_ops import registry
+    return registry.get_curvature(name or config.solver)(imodel, config)

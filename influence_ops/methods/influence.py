@@ -1,0 +1,203 @@
+"""Influence functions (Koh & Liang 2017) and RelatIF (Barshan et al. 2020) over any
+curvature model (exact, Arnoldi, CG, LiSSA, ... see :mod:`influence_ops.curvature`).
+
+    influence(z_train, z_test) = g_test^T (H + damping I)^-1 g_train
+    relatif(z_train, z_test)   = influence / ||(H + damping I)^-1 g_train||
+
+Feature maps: a factored curvature gives ``phi``/``psi`` directly (``k`` = its feature
+dimension). Otherwise the queries are solved at fit time, ``Q = (H + damping)^-1 G_test``
+(``needs_queries``); then ``phi(z) = Q g(z)`` (k = number of queries) and ``psi`` is the
+one-hot vector of the query. Self-influence and RelatIF norms then need one solve per
+training example, meant for small n (a warning says so).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+
+from influence_ops import gradients as grads
+from influence_ops.curvature import build_curvature
+from influence_ops.methods.base import InfluenceMethod, model_float
+from influence_ops.registry import register_method
+
+log = logging.getLogger(__name__)
+
+SMALL_N_SELF_SOLVES = 2000
+
+
+@register_method("influence")
+class FirstOrderInfluence(InfluenceMethod):
+    """First-order influence with the curvature model named by ``config.solver``."""
+
+    relatif = False
+    second_order_groups = True
+    default_solver = "arnoldi"
+
+    def __init__(self, imodel, curvature, batch_size: int = grads.DEFAULT_BATCH):
+        super().__init__(imodel)
+        self.curvature = curvature
+        self.batch_size = int(batch_size)
+        self.needs_queries = not curvature.factored
+        self.self_influence_at_scale = curvature.factored
+        self.Q: Optional[np.ndarray] = None          # (m, d) query solutions (unfactored)
+        self.query_ids: Optional[np.ndarray] = None
+
+    @classmethod
+    def from_config(cls, imodel, config):
+        return cls(imodel, build_curvature(imodel, config, cls._solver(config)),
+                   config.batch_size)
+
+    @classmethod
+    def _solver(cls, config) -> str:
+        return config.solver or cls.default_solver
+
+    @property
+    def solver(self) -> str:
+        return self.curvature.registered_name
+
+    # -- fitting ------------------------------------------------------------------------------
+    @classmethod
+    def combiner(cls, config, imodel_factory):
+        from influence_ops import registry
+        return registry.get_curvature(cls._solver(config)).combiner(config, imodel_factory)
+
+    def fit_from_combined(self, output):
+        self.curvature.fit_from_combined(output)
+        self.fitted = True
+        return self
+
+    def fit(self, x, y, query_x=None, query_y=None, query_ids=None):
+        x = np.asarray(x)
+        y = self.imodel.check_labels(y, len(x))
+        log.info("fitting %s/%s on %d examples, d=%d", self.name, self.solver, len(x),
+                 self.imodel.n_params)
+        self.curvature.fit(x, y)
+        if not self.curvature.factored:
+            if query_x is None:
+                raise ValueError(f"solver {self.solver!r} solves one system per query: pass "
+                                 "query_x/query_y (and query_ids) to fit()")
+            gq = grads.per_example_gradients(self.imodel, query_x, query_y, self.batch_size)
+            self.Q = self.solve(gq.astype(np.float64))
+            self.query_ids = (np.asarray(query_ids) if query_ids is not None
+                              else np.arange(len(gq)).astype(str))
+        self.fitted = True
+        return self
+
+    def solve(self, G: np.ndarray) -> np.ndarray:
+        """``(H + damping I)^-1`` applied to the rows of ``G`` ``(m, d)``."""
+        return self.curvature.solve(G)
+
+    # -- feature maps -------------------------------------------------------------------------
+    def _factored_maps(self, x, y, query: bool):
+        maps = self.curvature.gradient_maps(x, y, train=True, query=query,
+                                            inverse_norms=self.relatif)
+        if self.relatif:
+            maps["train"] /= np.maximum(maps["inverse_norms"], 1e-30)[:, None]
+        return maps
+
+    def _solved_maps(self, x, y, want_self: bool):
+        """Unfactored: ``(phi, self or None)``; solves one system per example only when RelatIF
+        norms or self-influence need it (the gradients are computed once either way)."""
+        if not (self.relatif or want_self):
+            phi = grads.projected_gradients(self.imodel, x, y, self.Q.T, self.batch_size)
+            return phi.astype(np.float64), None
+        g = grads.per_example_gradients(self.imodel, x, y, self.batch_size).astype(np.float64)
+        self._warn_per_example_solves(len(g), "RelatIF" if self.relatif else "self-influence")
+        phi = g @ self.Q.T
+        sol = self.solve(g)
+        norms = np.maximum(np.linalg.norm(sol, axis=1), 1e-30)
+        self_scores = np.sum(g * sol, axis=1)
+        if self.relatif:
+            phi /= norms[:, None]
+            self_scores /= norms
+        return phi, (self_scores if want_self else None)
+
+    def train_features(self, x, y):
+        self._check_fitted()
+        phi = (self._factored_maps(x, y, query=False)["train"] if self.curvature.factored
+               else self._solved_maps(x, y, want_self=False)[0])
+        return phi.astype(model_float(self.imodel))
+
+    def query_features(self, x, y, ids=None):
+        self._check_fitted()
+        dt = model_float(self.imodel)
+        if self.curvature.factored:
+            return self.curvature.query_maps(x, y).astype(dt)
+        return self._one_hot_queries(len(x), ids).astype(dt)
+
+    def self_query_features(self, x, y):
+        if not self.curvature.factored:
+            return None  # no query-side map for training examples: solve per example
+        return self._factored_maps(x, y, query=True)["query"]
+
+    def _one_hot_queries(self, m, ids):
+        if ids is None:
+            if m != len(self.query_ids):
+                raise ValueError(f"{self.solver} was fitted on {len(self.query_ids)} queries; pass "
+                                 "the query ids to query_features() to pick among them")
+            return np.eye(m)
+        pos = {q: i for i, q in enumerate(self.query_ids.tolist())}
+        ids = np.asarray(ids).tolist()
+        missing = [q for q in ids if q not in pos]
+        if missing:
+            raise ValueError(f"query ids {missing[:5]} were not in the fitted queries: "
+                             f"{self.solver} must be fitted on every query it scores")
+        out = np.zeros((len(ids), len(self.query_ids)))
+        out[np.arange(len(ids)), [pos[q] for q in ids]] = 1.0
+        return out
+
+    def _warn_per_example_solves(self, n, what):
+        if n > SMALL_N_SELF_SOLVES:
+            log.warning("%s with solver=%s solves one system per training example (n=%d): "
+                        "slow; prefer a factored solver (exact, arnoldi) at this scale", what,
+                        self.solver, n)
+
+    def featurize_train(self, x, y):
+        self._check_fitted()
+        dt = model_float(self.imodel)
+        if not self.curvature.factored:
+            phi, self_scores = self._solved_maps(x, y, want_self=True)
+            return phi.astype(dt), None, self_scores
+        maps = self._factored_maps(x, y, query=True)
+        phi, psi = maps["train"], maps["query"]
+        return phi.astype(dt), psi.astype(dt), np.sum(phi * psi, axis=1)
+
+    def influence_vectors(self, x, y) -> np.ndarray:
+        """``-(H + damping)^-1 g`` per example ``(n, d)``: the first-order change of theta when
+        the example is up-weighted (Influenciae's ``compute_influence_vector``); removing it
+        moves theta by about ``-vector / n``."""
+        self._check_fitted()
+        g = grads.per_example_gradients(self.imodel, x, y, self.batch_size).astype(np.float64)
+        return -self.solve(g)
+
+    # -- state ----------------------------------------------------------------------------------
+    def params(self):
+        return {"solver": self.solver, "curvature": self.curvature.params()}
+
+    def arrays(self):
+        out = {f"curvature.{k}": v for k, v in self.curvature.arrays().items()}
+        if not self.curvature.factored:
+            out.update({"Q": self.Q, "query_ids": self.query_ids.astype(str)})
+        return out
+
+    def restore(self, arrays):
+        prefix = "curvature."
+        self.curvature.restore({k[len(prefix):]: v for k, v in arrays.items()
+                                if k.startswith(prefix)})
+        if not self.curvature.factored:
+            self.Q, self.query_ids = arrays["Q"], arrays["query_ids"]
+        self.fitted = True
+
+    @property
+    def feature_dim(self) -> int:
+        return self.curvature.feature_dim if self.curvature.factored else len(self.query_ids)
+
+
+@register_method("relatif")
+class RelatIF(FirstOrderInfluence):
+    """RelatIF (Barshan et al. 2020): influence divided by ``||(H + damping)^-1 g_train||``."""
+
+    relatif = True

@@ -1,0 +1,137 @@
+"""Stage 2, the reduce step: fit the method once and write its artifact (DESIGN step 2).
+
+A method that offers a combiner (e.g. the exact Hessian as a distributed sum) is fitted from
+all training blocks by that combiner; any other fits on a deterministic sample of the
+training set gathered on one worker (``--fit_sample_size``, by id hash, independent of the
+runner). The output is the artifact's **path**, a one-element PCollection that downstream
+stages take as a singleton side input.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from typing import List
+
+import apache_beam as beam
+import numpy as np
+
+from pipelines.blocks import Block, concat
+from pipelines.combine import BeamCombineFn
+from pipelines.constants import NAMESPACE
+from pipelines.worker import ModelDoFn, acquire, configure_worker
+
+log = logging.getLogger(__name__)
+
+
+def uniform_from_ids(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A deterministic U(0,1) draw per example id (stable sampling across runners)."""
+    return np.array([zlib.crc32(f"{seed}:{i}".encode()) for i in ids.tolist()],
+                    dtype=np.float64) / 2.0 ** 32
+
+
+class _SampleRows(beam.DoFn):
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+
+    def process(self, block: Block, total: int):
+        if self.size <= 0 or self.size >= total:
+            yield block
+            return
+        # Oversample by 30% + 64 rows; the fit step keeps exactly `size` smallest draws.
+        frac = min(1.0, 1.3 * self.size / total + 64.0 / total)
+        keep = uniform_from_ids(block.ids, self.seed) < frac
+        if keep.any():
+            yield block.take(keep)
+
+
+def final_sample(blocks: List[Block], size: int, seed: int) -> Block:
+    """The fit sample in canonical (id) order: exactly ``size`` rows when there are more."""
+    if not any(len(b) for b in blocks):
+        raise ValueError("no training examples to fit on: --train is empty or every row was "
+                         "dead-lettered")
+    b = concat(blocks)
+    order = np.argsort(b.ids, kind="stable")  # canonical order: independent of the runner
+    b = b.take(order)
+    if 0 < size < len(b):
+        u = uniform_from_ids(b.ids, seed)
+        keep = np.sort(np.argsort(u, kind="stable")[:size])
+        b = b.take(keep)
+    return b
+
+
+class _FitDoFn(ModelDoFn):
+    """Fits the method (from a sample, or from its combiner's output) and writes the artifact."""
+
+    def __init__(self, config, artifact_dir: str):
+        super().__init__(config)
+        self.artifact_dir = artifact_dir
+
+    def process(self, payload, queries):
+        from influence_ops import artifacts
+        from influence_ops.api import build_method
+        t0 = time.time()
+        imodel = self.loaded().imodel
+        method = build_method(imodel, self.config)
+        kind, data = payload
+        if kind == "combined":
+            log.info("fit: %s from its combiner over all training blocks", self.config.method)
+            method.fit_from_combined(data)
+        else:
+            sample = final_sample(data, self.config.fit_sample_size, self.config.seed)
+            log.info("fit: %s on a sample of %d examples", self.config.method, len(sample))
+            y = imodel.normalize_labels(sample.y)
+            if method.needs_queries:
+                q = concat(queries)
+                q = q.take(np.argsort(q.ids, kind="stable"))
+                method.fit(sample.x, y, q.x, imodel.normalize_labels(q.y), q.ids)
+            else:
+                method.fit(sample.x, y)
+        sec = time.time() - t0
+        artifacts.save_method(method, self.config, self.artifact_dir,
+                              extra={"fit_seconds": round(sec, 3)})
+        beam.metrics.Metrics.distribution(NAMESPACE, "fit_ms").update(int(sec * 1000))
+        log.info("fit: artifact written to %s in %.1fs", self.artifact_dir, sec)
+        yield self.artifact_dir
+
+
+class _ModelFactory:
+    """A picklable ``() -> InfluenceModel`` for combiners (the worker's shared model)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __call__(self):
+        configure_worker(self.config)
+        return acquire(self.config).imodel
+
+
+class FitMethod(beam.PTransform):
+    """``blocks -> artifact path`` (a one-element PCollection used as a singleton side input)."""
+
+    def __init__(self, config, artifact_dir: str, queries=None):
+        super().__init__()
+        self.config, self.artifact_dir, self.queries = config, artifact_dir, queries
+
+    def expand(self, blocks):
+        from influence_ops import registry
+        config = self.config
+        combiner = registry.get_method(config.method).combiner(config, _ModelFactory(config))
+        if combiner is not None:
+            payload = (blocks
+                       | "Elements" >> beam.Map(lambda b: (b.x, b.y))
+                       | "Combine" >> beam.CombineGlobally(BeamCombineFn(combiner))
+                       | "Tag" >> beam.Map(lambda out: ("combined", out)))
+        else:
+            total = (blocks | "Count" >> beam.Map(len)
+                     | "Total" >> beam.CombineGlobally(sum))
+            payload = (blocks
+                       | "Sample" >> beam.ParDo(_SampleRows(config.fit_sample_size, config.seed),
+                                                beam.pvalue.AsSingleton(total))
+                       | "Gather" >> beam.combiners.ToList()
+                       | "Tag" >> beam.Map(lambda bs: ("sample", bs)))
+        queries = self.queries if self.queries is not None else (
+            blocks.pipeline | "NoQueries" >> beam.Create([]))
+        return payload | "Fit" >> beam.ParDo(_FitDoFn(config, self.artifact_dir),
+                                              beam.pvalue.AsList(queries))
