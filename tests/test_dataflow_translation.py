@@ -141,8 +141,6 @@ def test_dataflow_gpu_job_translation(inputs, offline_dataflow):
     # What run_lib.run() does before p.run(), minus its driver-side gs:// checks and waiting.
     opts = PipelineOptions(argv)
     opts.view_as(SetupOptions).save_main_session = False
-    iopts = opts.view_as(InfluenceOptions)
-    run_lib.validate(iopts)
     config = run_lib.validate(job_config(opts))
     p = run_lib.make_pipeline(opts)
     run_lib.build(p, config)
