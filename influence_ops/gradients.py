@@ -20,6 +20,9 @@ float64 for the exact-oracle tests). None loops over examples in Python:
 * :func:`directional_derivatives` ``(n, k)``: JVPs ``<g_i, v_j>`` along k directions, forward mode,
   no per-example gradient materialised.
 * :func:`explicit_hessian` ``(d, d)``: for small d (exact oracle / exact solver).
+* :func:`streaming_scores` ``(n, m)``: ``<g_i, psi_q>`` against solved queries ``Psi`` ``(m, d)``
+  per layer in the cheaper of a materialized or a Kronecker form, with the per-example losses
+  of the same forward pass (see the section at the end of this module).
 """
 
 from __future__ import annotations
@@ -426,3 +429,249 @@ def random_directions(d: int, k: int, seed: int, dtype=np.float32) -> Optional[n
     """Seeded Gaussian ``(d, k)`` matrix scaled by 1/sqrt(k) (Johnson-Lindenstrauss)."""
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((d, k)) / np.sqrt(k)).astype(dtype)
+
+
+# ------------------------------------------------------------------ streaming scores
+#
+# Scores of training examples against d-dimensional solved queries ``Psi`` ``(m, d)`` (e.g.
+# ``psi_q = (H + damping)^-1 g_q`` from :func:`influence_ops.pcg.block_pcg`):
+# ``scores[i, q] = <g_i, psi_q>``, without per-example gradients in host memory. Per target
+# layer (fast path) with input patches ``a_t`` (``kdim`` = kh*kw*cin for Conv2D, n_in for
+# Dense), output signals ``delta_t`` (``cout``) at ``T`` output positions (T = 1 for Dense):
+#
+# * ``materialize``: ``G_i = sum_t a_t (outer) delta_t`` per batch (``B x kdim x cout``, on
+#   device), then one GEMM with ``Psi^T``. Multiply-adds per example: ``kdim*cout*(T + m)``.
+# * ``kron``: ``sum_t delta_t^T Psi_q^T a_t`` as batched matrix products: first
+#   ``a_t Psi_q`` (or ``delta_t Psi_q^T``, whichever leaves the smaller ``min(kdim, cout)``
+#   factor), then a contraction over t. Multiply-adds: ``T*m*(kdim*cout + min(kdim, cout))``.
+#
+# Rule (:func:`score_plan`): the cheaper count wins, ties go to ``kron`` (no B x d block).
+# Consequence: ``kron`` wins when ``T*m*(kdim*cout + min) <= kdim*cout*(T + m)``, i.e. for a
+# Dense layer when ``m * min(n_in, n_out) <= n_in * n_out`` (m up to ~max(n_in, n_out)) and
+# for a Conv2D layer essentially only at m = 1 or T = 1; for T, m >= 2 forming the per-example
+# kernel gradient once and reusing it for all m queries is cheaper. Peak device memory
+# differs too (materialize: ``B*kdim*cout``; kron: ``B*T*m*min(kdim, cout)``): when memory,
+# not FLOPs, is the limit, lower ``batch_size``. Unknown T (spatial dims None) -> materialize.
+
+SCORE_MODES = ("auto", "kron", "materialize")
+
+
+def _layer_geometry(layer):
+    """``(kind, T, kdim, cout)`` of a fast-path target layer (T None when unknown)."""
+    import keras
+    if type(layer) is keras.layers.Dense:
+        n_in, n_out = layer.kernel.shape
+        return "dense", 1, int(n_in), int(n_out)
+    kh, kw, cin, cout = layer.kernel.shape
+    try:
+        oh, ow = layer.output.shape[1:3]
+    except (AttributeError, ValueError):
+        oh = ow = None
+    T = int(oh) * int(ow) if oh is not None and ow is not None else None
+    return "conv2d", T, int(kh * kw * cin), int(cout)
+
+
+def layer_score_flops(T, kdim, cout, m):
+    """Multiply-adds per example of the two scoring forms (bias terms are equal, left out)."""
+    if T is None:
+        return None, None
+    materialize = kdim * cout * (T + m)
+    kron = T * m * (kdim * cout + min(kdim, cout))
+    return materialize, kron
+
+
+def score_plan(imodel: InfluenceModel, m: int, mode: str = "auto"):
+    """Per target layer: geometry, both FLOP counts and the chosen form (see the rule above).
+
+    Returns a list of dicts, or None for models outside the per-layer fast path (those use the
+    general path: per-batch gradient block on device, then a GEMM).
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"mode must be one of {SCORE_MODES}, got {mode!r}")
+    layers = _fast_path_layers(imodel)
+    if layers is None:
+        return None
+    plan = []
+    for layer in layers:
+        kind, T, kdim, cout = _layer_geometry(layer)
+        fm, fk = layer_score_flops(T, kdim, cout, m)
+        if mode == "auto":
+            choice = "kron" if fm is not None and fk <= fm else "materialize"
+        else:
+            choice = mode
+        plan.append(dict(layer=layer.name, kind=kind, T=T, kdim=kdim, cout=cout,
+                         flops_materialize=fm, flops_kron=fk, mode=choice,
+                         order=("a_first" if cout <= kdim else "delta_first")))
+    return plan
+
+
+def _arrange_psi(imodel, Psi, plan, np_dtype):
+    """Per-layer query tensors laid out for the chosen forms (done once per call, on host)."""
+    m = Psi.shape[0]
+    out, off = [], 0
+    for layer, p in zip(imodel.target_layers, plan):
+        kdim, cout = p["kdim"], p["cout"]
+        w = Psi[:, off:off + kdim * cout]
+        off += kdim * cout
+        if p["mode"] == "materialize":
+            w = w.T                                                      # (kdim*cout, m)
+        elif p["order"] == "a_first":
+            w = w.reshape(m, kdim, cout).transpose(1, 0, 2).reshape(kdim, m * cout)
+        else:
+            w = w.reshape(m, kdim, cout).transpose(2, 0, 1).reshape(cout, m * kdim)
+        parts = [np.ascontiguousarray(w, dtype=np_dtype)]
+        if layer.use_bias:
+            parts.append(np.ascontiguousarray(Psi[:, off:off + cout].T, dtype=np_dtype))
+            off += cout
+        out.append(parts)
+    return out
+
+
+def _per_layer_signals_and_losses(imodel: InfluenceModel, x, y):
+    """:func:`_per_layer_signals` plus the per-example losses of the same forward pass."""
+    with tf.GradientTape() as tape:
+        out, records = _forward_with_preactivations(imodel, x)
+        zs = [z for _, _, z in records]
+        tape.watch(zs)
+        losses = imodel.per_example_loss(y, out)
+        loss = tf.reduce_sum(losses)
+    return records, tape.gradient(loss, zs), losses
+
+
+def _patches(layer, a):
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    return tf.image.extract_patches(a, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
+                                    rates=[1, 1, 1, 1], padding=layer.padding.upper())
+
+
+def _per_layer_scores(imodel: InfluenceModel, x, y, psis, plan, dtype):
+    """``(scores (B, m), losses (B,))`` from one forward and one backward pass."""
+    records, deltas, losses = _per_layer_signals_and_losses(imodel, x, y)
+    b = tf.shape(x)[0]
+    acc = None
+    for (layer, a, _), dz, p, parts in zip(records, deltas, plan, psis):
+        a, dz = tf.cast(a, dtype), tf.cast(dz, dtype)
+        kdim, cout = p["kdim"], p["cout"]
+        if p["kind"] == "conv2d":
+            a = tf.reshape(_patches(layer, a), [b, -1, kdim])      # (B, T, kdim)
+            dz = tf.reshape(dz, [b, -1, cout])                      # (B, T, cout)
+            db = tf.reduce_sum(dz, axis=1)
+        else:
+            a, dz = a[:, None, :], dz[:, None, :]                   # T = 1
+            db = dz[:, 0, :]
+        w = parts[0]
+        if p["mode"] == "materialize":
+            g = tf.reshape(tf.matmul(a, dz, transpose_a=True), [b, kdim * cout])
+            term = tf.matmul(g, w)
+        elif p["order"] == "a_first":                               # (a_t Psi_q) . delta_t
+            t = tf.matmul(tf.reshape(a, [-1, kdim]), w)
+            t = tf.reshape(t, [b, -1, tf.shape(w)[1] // cout, cout])
+            term = tf.einsum("btmc,btc->bm", t, dz)
+        else:                                                       # (delta_t Psi_q^T) . a_t
+            t = tf.matmul(tf.reshape(dz, [-1, cout]), w)
+            t = tf.reshape(t, [b, -1, tf.shape(w)[1] // kdim, kdim])
+            term = tf.einsum("btmk,btk->bm", t, a)
+        if layer.use_bias:
+            term = term + tf.matmul(db, parts[1])
+        acc = term if acc is None else acc + term
+    return acc, losses
+
+
+def _general_grads_and_losses_fn(imodel: InfluenceModel):
+    def build():
+        def one(args):
+            h, y = args
+            with tf.GradientTape() as tape:
+                tape.watch(imodel._tf_vars)
+                loss = tf.reduce_sum(imodel.per_example_loss(y[None], imodel.head(h[None])))
+            grads = tape.gradient(loss, imodel._tf_vars,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return imodel.flatten(grads), loss
+
+        @tf.function(reduce_retracing=True)
+        def fn(x, y):
+            return tf.vectorized_map(one, (imodel.front(x), y))
+        return fn
+    return _cached(imodel, "pe_grad_loss", build)
+
+
+class StreamingQueries:
+    """Solved queries ``Psi`` ``(m, d)`` laid out for :func:`streaming_scores`, on device.
+
+    Build once and reuse for every training block (a Beam DoFn's ``setup``): arranging and
+    uploading ``Psi`` is ``O(m d)`` per call otherwise.
+    """
+
+    def __init__(self, imodel: InfluenceModel, Psi: np.ndarray, dtype=None, mode: str = "auto"):
+        if mode not in SCORE_MODES:
+            raise ValueError(f"mode must be one of {SCORE_MODES}, got {mode!r}")
+        Psi = np.atleast_2d(np.asarray(Psi))
+        if Psi.ndim != 2 or Psi.shape[1] != imodel.n_params:
+            raise ValueError(f"Psi must be (m, {imodel.n_params}), got {Psi.shape}")
+        model_np = np.dtype(imodel.dtype.as_numpy_dtype)
+        self.out_dtype = np.dtype(dtype or model_np)
+        if self.out_dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.out_dtype}")
+        # Contract in the wider of the model's and the requested precision.
+        self.work = (tf.as_dtype(self.out_dtype) if self.out_dtype.itemsize > model_np.itemsize
+                     else imodel.dtype)
+        self.imodel, self.m, self.mode = imodel, int(Psi.shape[0]), mode
+        self.plan = score_plan(imodel, self.m, mode)
+        wnp = self.work.as_numpy_dtype
+        if self.plan is not None:
+            self.tensors = [[tf.constant(t) for t in parts]
+                            for parts in _arrange_psi(imodel, Psi, self.plan, wnp)]
+        else:
+            self.tensors = tf.constant(np.ascontiguousarray(Psi.T, dtype=wnp))
+
+    def _fn(self):
+        imodel, plan, work = self.imodel, self.plan, self.work
+        if plan is not None:
+            def build():
+                @tf.function(reduce_retracing=True)
+                def fn(xb, yb, ps):
+                    return _per_layer_scores(imodel, xb, yb, ps, plan, work)
+                return fn
+            key = ("stream", tuple((p["mode"], p["order"]) for p in plan), work.name)
+            return _cached(imodel, key, build)
+        grad_loss = _general_grads_and_losses_fn(imodel)
+
+        def build_general():
+            @tf.function(reduce_retracing=True)
+            def fn(xb, yb, p):
+                g, losses = grad_loss(xb, yb)
+                return tf.matmul(tf.cast(g, p.dtype), p), losses
+            return fn
+        return _cached(imodel, ("stream_general", work.name), build_general)
+
+
+def streaming_scores(imodel: InfluenceModel, x, y, Psi, batch_size: int = DEFAULT_BATCH,
+                     return_losses: bool = False, dtype=None, mode: str = "auto"):
+    """``scores[i, q] = <grad l(z_i), psi_q>`` for query solutions ``Psi`` ``(m, d)``: ``(n, m)``.
+
+    Per-example gradients never reach host memory: fast-path models (Dense/Conv2D targets)
+    score each layer in the cheaper of the materialize / Kronecker forms (:func:`score_plan`,
+    ``mode`` forces one), other models build the ``(batch, d)`` gradient block on device and
+    multiply it there. With ``return_losses`` also returns the per-example losses ``(n,)``
+    (model dtype) of the SAME forward pass, so no second pass is needed for them.
+
+    ``Psi``: an array ``(m, d)`` (or ``(d,)``), or a :class:`StreamingQueries` built once for
+    many blocks (then ``dtype`` and ``mode`` are its own). ``dtype``: output dtype, default the
+    model's; ``np.float64`` on a float32 model also does the contraction with ``Psi`` in
+    float64 (activations and signals stay float32-accurate).
+    """
+    queries = Psi if isinstance(Psi, StreamingQueries) else StreamingQueries(
+        imodel, Psi, dtype, mode)
+    if queries.imodel is not imodel:
+        raise ValueError("these StreamingQueries were built for another InfluenceModel")
+    x = _cast_x(imodel, x)
+    y = imodel.check_labels(y, len(x))
+    fn = queries._fn()
+    scores = np.empty((len(x), queries.m), dtype=queries.out_dtype)
+    losses = np.empty((len(x),), dtype=imodel.dtype.as_numpy_dtype)
+    for s in _batches(len(x), batch_size):
+        sc, ls = fn(x[s], y[s], queries.tensors)
+        scores[s] = np.asarray(sc)
+        losses[s] = np.asarray(ls)
+    return (scores, losses) if return_losses else scores
