@@ -51,12 +51,12 @@ def _opt(group: str, help: str, parse=None, choices=None, flag: bool = False):
 
 def _method_choices():
     from influence_ops import registry
-    return registry.method_names()
+    return registry.method_names(builtin_only=True)
 
 
 def _curvature_choices():
     from influence_ops import registry
-    return registry.curvature_names()
+    return registry.curvature_names(builtin_only=True)
 
 
 def _csv(value) -> Tuple:
@@ -156,6 +156,18 @@ class InfluenceConfig:
         "method", "LiSSA: independent estimates averaged", parse=int))
     lissa_batch: int = field(default=64, metadata=_opt(
         "method", "LiSSA: examples per mini-batch Hessian", parse=int))
+    fisher: str = field(default="true_fisher", metadata=_opt(
+        "method", "EK-FAC / K-FAC: labels of the output gradients: sampled from the model "
+                  "(true_fisher), the given labels (empirical) or the exact expectation over "
+                  "the outputs (exact_ggn, cost x classes)",
+        choices=("true_fisher", "empirical", "exact_ggn")))
+    ekfac_relative_damping: float = field(default=0.1, metadata=_opt(
+        "method", "EK-FAC / K-FAC: damping as a fraction of the mean eigenvalue, used when "
+                  "--damping is 0", parse=float))
+    preconditioner: str = field(default="arnoldi", metadata=_opt(
+        "method", "pcg: preconditioner of the query solves (arnoldi: deflation by the top "
+                  "--rank eigenpairs; ekfac; none = plain CG)",
+        choices=("arnoldi", "ekfac", "none")))
     checkpoints: Tuple[Any, ...] = field(default=(), metadata=_opt(
         "method", "TracIn: comma-separated .keras checkpoints", parse=str))
     learning_rates: Tuple[float, ...] = field(default=(), metadata=_opt(

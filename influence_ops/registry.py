@@ -66,14 +66,19 @@ def import_plugins(modules) -> None:
         importlib.import_module(m.strip())
 
 
-def method_names():
+def _names(table, builtin_only: bool):
     _load_builtins()
-    return tuple(_METHODS)
+    return tuple(n for n, c in table.items()
+                 if not builtin_only or c.__module__.startswith("influence_ops."))
 
 
-def curvature_names():
-    _load_builtins()
-    return tuple(_CURVATURES)
+def method_names(builtin_only: bool = False):
+    """Registered method names (``builtin_only``: those shipped with influence_ops)."""
+    return _names(_METHODS, builtin_only)
+
+
+def curvature_names(builtin_only: bool = False):
+    return _names(_CURVATURES, builtin_only)
 
 
 def _get(table, kind, names_fn, name: str, module: str = None) -> Type:

@@ -51,6 +51,7 @@ class _FeaturizeDoFn(ModelDoFn):
         self.ms = beam.metrics.Metrics.distribution(NAMESPACE, f"featurize_{role}_block_ms")
 
     def start_bundle(self):
+        super().start_bundle()
         self._n = 0
 
     def finish_bundle(self):

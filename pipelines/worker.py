@@ -57,9 +57,12 @@ class ModelDoFn(beam.DoFn):
         self.config = config
 
     def setup(self):
-        in_effect = configure_worker(self.config)
+        self._threads = configure_worker(self.config)["intra_op"]
+
+    def start_bundle(self):
+        # Metrics are only collected inside a bundle, not in setup().
         beam.metrics.Metrics.distribution(NAMESPACE, "tf_intra_op_threads").update(
-            in_effect["intra_op"])
+            self._threads)
 
     def loaded(self, artifact: Optional[str] = None) -> Loaded:
         return acquire(self.config, artifact)
