@@ -202,7 +202,7 @@ class FirstOrderInfluence(InfluenceMethod):
     def fit_from_hessian(self, hessian_sum: np.ndarray, n: int):
         """Exact solver from ``sum_i Hessian(l(z_i))`` over n examples (the combiner output)."""
         h = np.asarray(hessian_sum, np.float64) / max(n, 1)
-        h = 0.5 * (h + h.T) + self.imodel.l2 * np.eye(h.shape[0])
+        h = 0.5 * (h + h.T) + np.diag(self.imodel.l2_vector)
         self.inverse = solvers.exact_inverse(h, self.damping, self.negative)
         self.fitted = True
         return self
@@ -346,7 +346,8 @@ class TracIn(InfluenceMethod):
         self.seed, self.batch_size = int(seed), int(batch_size)
         target = [l.name for l in imodel.target_layers]
         self.checkpoint_models = [
-            InfluenceModel(c, target_layers=target, loss=imodel._loss_fn, l2=imodel.l2)
+            InfluenceModel(c, target_layers=target, loss=imodel._loss_fn, l2=imodel.l2,
+                           regularizers=imodel.regularizers)
             for c in checkpoints]
         self.fitted = True  # nothing to fit beyond the seeded projections
 
@@ -557,7 +558,8 @@ class RepresenterPointsLJE(InfluenceMethod):
         clone = keras.models.clone_model(imodel.model)
         clone.set_weights(imodel.model.get_weights())
         self.perturbed = InfluenceModel(clone, target_layers=[clone.layers[-1].name],
-                                        loss=imodel._loss_fn, l2=imodel.l2)
+                                        loss=imodel._loss_fn, l2=imodel.l2,
+                                        regularizers=imodel.regularizers)
 
     def fit(self, x, y, query_x=None, query_y=None, query_ids=None):
         x = np.asarray(x)
@@ -606,10 +608,10 @@ class RepresenterPointsLJE(InfluenceMethod):
         z0 = J @ self.theta0
         qmap = self.inverse.query_map(J)
         const = z0
-        if self.imodel.l2:
+        if self.imodel.has_regularization:
             # The regulariser's part of the Newton step, -J H0^-1 (l2 theta0), is shared
             # equally by the n examples (it belongs to none of them).
-            reg = self.inverse.train_map((self.imodel.l2 * self.theta0)[None, :])
+            reg = self.inverse.train_map((self.imodel.l2_vector * self.theta0)[None, :])
             const = z0 - (qmap @ reg.T)[:, 0]
         out = np.concatenate([-qmap / self.n_fit, (const / self.n_fit)[:, None]], axis=1)
         if C == 1:  # one logit: class 0 is explained by its negative
