@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench docs clean
+.PHONY: venv demo test test-all bench bench-lds docs clean
 
 # CPU TensorFlow for CI and laptops (no multi-GB CUDA wheels); the GPU build belongs in the
 # worker container (deploy/). The project itself installs without re-resolving its deps.
@@ -30,6 +30,11 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_gradients.py
+	$(PY) benchmarks/lds.py --quick
+
+# Ranking quality against retraining (LDS), full size: ~1.5-3 minutes on 2 cores.
+bench-lds: $(STAMP)
+	$(PY) benchmarks/lds.py
 
 docs: $(STAMP)
 	$(PY) -m pipelines.options --update-readme > docs/options.md

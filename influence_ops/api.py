@@ -53,7 +53,8 @@ def build_imodel(config: InfluenceConfig, model=None) -> InfluenceModel:
     if isinstance(model, InfluenceModel):
         return model
     return InfluenceModel(model, target_layers=config.target_layers, loss=config.loss,
-                          from_logits=config.from_logits, l2=config.l2)
+                          from_logits=config.from_logits, l2=config.l2,
+                          regularizers=config.regularizers)
 
 
 def build_method(imodel: InfluenceModel, config: InfluenceConfig) -> InfluenceMethod:

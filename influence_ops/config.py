@@ -101,8 +101,13 @@ class InfluenceConfig:
         "model", "whether model outputs are logits (auto: from the last activation)",
         parse=str, choices=("auto", "true", "false")))
     l2: float = field(default=0.0, metadata=_opt(
-        "model", "L2 coefficient of the training objective (adds l2*I to the Hessian)",
+        "model", "L2 coefficient of the training objective (adds l2*I to the Hessian); the "
+                 "target layers' own Keras L2 regularisers are added to it automatically",
         parse=float))
+    regularizers: str = field(default="include", metadata=_opt(
+        "model", "include: the target layers' Keras regularisers are part of the objective "
+                 "(L2 only; others are an error); ignore: leave them out",
+        choices=("include", "ignore")))
 
     # -- data ---------------------------------------------------------------------------------
     train: str = field(default="", metadata=_opt(
@@ -281,8 +286,8 @@ class InfluenceConfig:
     def method_options(self) -> dict:
         """The options that define a fitted method (recorded in its artifact)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.metadata["group"] == "method" or f.name in ("target_layers", "loss",
-                                                                 "from_logits", "l2")}
+                if f.metadata["group"] == "method" or f.name in (
+                    "target_layers", "loss", "from_logits", "l2", "regularizers")}
 
     def to_dict(self) -> dict:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -16,7 +16,8 @@ float64 for the exact-oracle tests). None loops over examples in Python:
   one compiled function. For Dense layers the projection is factored,
   ``g_W[i] . P = sum_o delta_io (a_i^T P_W)_o``, so the ``(n, d)`` block is never built.
 * :func:`hessian_vector_products` ``(m, d)``: forward-over-backward (a ``ForwardAccumulator``
-  around a ``GradientTape``) of the mean loss over a data set, plus ``l2 * v``.
+  around a ``GradientTape``) of the mean loss over a data set, plus ``l2_vector * v`` (the
+  regulariser's diagonal Hessian, see :class:`InfluenceModel`).
 * :func:`directional_derivatives` ``(n, k)``: JVPs ``<g_i, v_j>`` along k directions, forward mode,
   no per-example gradient materialised.
 * :func:`explicit_hessian` ``(d, d)``: for small d (exact oracle / exact solver).
@@ -286,7 +287,8 @@ def hessian_vector_products(imodel: InfluenceModel, x, y, vectors: np.ndarray,
     """``H v`` for each row v of ``vectors`` ``(m, d)``; returns ``(m, d)``.
 
     ``H`` is the Hessian of ``mean_i l(z_i)`` over the given examples (``reduce='sum'`` for the
-    sum, as second-order group influence needs), plus ``l2 * I`` when ``include_l2``.
+    sum, as second-order group influence needs), plus the regulariser's
+    ``diag(imodel.l2_vector)`` when ``include_l2``.
     """
     x = _cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
@@ -304,8 +306,8 @@ def hessian_vector_products(imodel: InfluenceModel, x, y, vectors: np.ndarray,
         out[vs] = acc.numpy() if acc is not None else 0.0
     if reduce == "mean" and n:
         out /= n
-    if include_l2 and imodel.l2:
-        out += imodel.l2 * vectors
+    if include_l2 and imodel.has_regularization:
+        out += (imodel.l2_vector * vectors).astype(out.dtype, copy=False)
     return out
 
 
@@ -349,10 +351,11 @@ def hessian_sum(imodel: InfluenceModel, x, y, batch_size: int = 512) -> np.ndarr
 
 
 def explicit_hessian(imodel: InfluenceModel, x, y, batch_size: int = 512) -> np.ndarray:
-    """Hessian of the training objective ``mean_i l(z_i) + l2/2 ||theta||^2``, ``(d, d)``."""
+    """Hessian of the training objective ``mean_i l(z_i) + 1/2 theta^T diag(l2_vector) theta``,
+    ``(d, d)``."""
     h = hessian_sum(imodel, x, y, batch_size) / max(len(x), 1)
     h = 0.5 * (h + h.T)
-    return h + imodel.l2 * np.eye(imodel.n_params)
+    return h + np.diag(imodel.l2_vector)
 
 
 def directional_derivatives(imodel: InfluenceModel, x, y, directions: np.ndarray,
@@ -420,8 +423,8 @@ def mean_gradient(imodel: InfluenceModel, x, y, batch_size: int = 1024,
                   include_l2: bool = True) -> np.ndarray:
     """Gradient of the training objective over the given examples, ``(d,)``."""
     g = per_example_gradients(imodel, x, y, batch_size).astype(np.float64).mean(axis=0)
-    if include_l2 and imodel.l2:
-        g = g + imodel.l2 * imodel.get_flat_params().astype(np.float64)
+    if include_l2 and imodel.has_regularization:
+        g = g + imodel.l2_vector * imodel.get_flat_params().astype(np.float64)
     return g
 
 

@@ -6,9 +6,14 @@ Everything in `influence_ops` talks to a model through :class:`InfluenceModel`. 
   order into one vector of length ``d``; default: the last layer),
 * the **per-example loss** ``l(z, theta)`` (a Keras loss built with ``reduction=None``, a loss
   name, or any callable ``(y_true, y_pred) -> (n,)``),
-* an optional **L2 term**: the training objective is ``mean_i l(z_i) + l2/2 ||theta||^2``, so the
-  Hessian gets ``+ l2 * I`` while per-example gradients stay gradients of ``l`` alone (removing a
-  training example removes its loss term, not the regulariser).
+* the **L2 term** of the training objective, ``mean_i l(z_i) + 1/2 theta^T diag(l2_vector) theta``:
+  the Hessian gets ``+ diag(l2_vector)`` while per-example gradients stay gradients of ``l``
+  alone (removing a training example removes its loss term, not the regulariser).
+  ``l2_vector`` is the explicit ``l2`` argument on every parameter (``l2/2 ||theta||^2``) plus
+  ``2c`` on each target variable that carries a Keras ``L2(c)`` (or ``L1L2(l1=0, l2=c)``)
+  regulariser: Keras adds ``c * sum(w^2)`` to the batch-mean training loss, so reading the
+  regularisers makes the objective the one the model was trained with. Other regularisers (L1,
+  custom callables, activity regularisers) are an error unless ``regularizers="ignore"``.
 
 For sequential models the network is split at the first target layer: the frozen front part
 runs once per batch (no tape), and gradients, Hessian-vector products and Jacobian-vector
@@ -19,6 +24,7 @@ running the whole model under the tape, which is correct but slower.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Callable, Optional, Sequence, Union
 
@@ -29,7 +35,11 @@ from influence_ops import tf_setup
 tf = tf_setup.tensorflow()
 import keras  # noqa: E402  (after TF thread settings)
 
+log = logging.getLogger(__name__)
+
 LossLike = Union[str, Callable, "keras.losses.Loss"]
+
+REGULARIZER_MODES = ("include", "ignore")
 
 _LOSS_NAMES = {
     "sparse_categorical_crossentropy": ("sparse", keras.losses.SparseCategoricalCrossentropy),
@@ -89,12 +99,18 @@ class InfluenceModel:
         ``categorical_crossentropy``, ``binary_crossentropy``, ``mse``) or a callable
         ``(y_true, y_pred) -> (n,)``.
       from_logits: for loss names only; None infers it from the last layer's activation.
-      l2: coefficient of the ``l2/2 ||theta||^2`` term of the training objective.
+      l2: coefficient of an explicit ``l2/2 ||theta||^2`` term of the training objective, on top
+        of the regularisers the target layers carry (give it only for a penalty that is not in
+        the model, e.g. weight decay applied by the optimiser).
+      regularizers: ``"include"`` (default) adds the target variables' Keras L2 regularisers to
+        the objective (``L2(c)`` -> ``2c`` on the Hessian diagonal) and rejects any other kind;
+        ``"ignore"`` disregards every regulariser of the model.
     """
 
     def __init__(self, model, target_layers: Union[None, int, Sequence[str]] = None,
                  loss: LossLike = "sparse_categorical_crossentropy",
-                 from_logits: Optional[bool] = None, l2: float = 0.0):
+                 from_logits: Optional[bool] = None, l2: float = 0.0,
+                 regularizers: str = "include"):
         if isinstance(model, (str, os.PathLike)):
             model = load_keras_model(str(model))
         if not isinstance(model, keras.Model):
@@ -115,6 +131,15 @@ class InfluenceModel:
         self.sizes = [int(np.prod(s)) for s in self.shapes]
         self.n_params = int(sum(self.sizes))
         self.dtype = self._tf_vars[0].dtype
+        if regularizers not in REGULARIZER_MODES:
+            raise InfluenceModelError(
+                f"regularizers must be one of {REGULARIZER_MODES}, got {regularizers!r}")
+        self.regularizers = regularizers
+        # {"layer/variable": Hessian coefficient 2c} for the regularised target variables.
+        self.l2_from_regularizers = (self._read_regularizers() if regularizers == "include"
+                                     else {})
+        self.l2_vector = self._build_l2_vector()
+        self.has_regularization = bool(np.any(self.l2_vector))
         self.loss_spec = loss if isinstance(loss, str) else getattr(loss, "name", repr(loss))
         self.label_mode, self._loss_fn = self._resolve_loss(loss, from_logits)
         self._front, self._head_layers = self._split()
@@ -146,6 +171,61 @@ class InfluenceModel:
             if not l.trainable_weights:
                 raise InfluenceModelError(f"layer {l.name!r} has no trainable weights")
         return layers
+
+    def _variable_key(self, layer, w) -> str:
+        return f"{layer.name}/{w.name}"
+
+    def _read_regularizers(self) -> dict:
+        """Hessian coefficients ``2c`` of the target variables' Keras L2 regularisers.
+
+        Raises :class:`InfluenceModelError` for any regulariser that is not a plain L2 on a
+        target variable, and for activity regularisers on layers the target weights feed.
+        """
+        unsupported = []
+        names = [l.name for l in self.model.layers]
+        first = min(names.index(l.name) for l in self.target_layers)
+        # Activity regularisers of the target layers and of every layer after them depend on
+        # theta through the data: they are not a function of theta alone.
+        for layer in self.model.layers[first:]:
+            if getattr(layer, "activity_regularizer", None) is not None:
+                unsupported.append(f"layer {layer.name!r}: activity_regularizer="
+                                   f"{_describe_regularizer(layer.activity_regularizer)}")
+        out = {}
+        for layer in self.target_layers:
+            for w in layer.trainable_weights:
+                reg = getattr(w, "regularizer", None)
+                if reg is None:
+                    continue
+                coef = _l2_coefficient(reg)
+                if coef is None:
+                    unsupported.append(f"layer {layer.name!r}, variable {w.name!r}: "
+                                       f"{_describe_regularizer(reg)}")
+                elif coef:
+                    out[self._variable_key(layer, w)] = 2.0 * coef
+        if unsupported:
+            raise InfluenceModelError(
+                "the target layers carry regularisers that influence functions cannot model "
+                "(only L2 on the target weights, keras.regularizers.L2 or L1L2 with l1=0, enters "
+                "the Hessian): " + "; ".join(unsupported) + ". Retrain without them, target "
+                "other layers, or build InfluenceModel(model, ..., regularizers='ignore') (and "
+                "pass it to InfluenceCalculator) to leave every regulariser out of the "
+                "objective; add an explicit l2= if you want an L2 term")
+        return out
+
+    def _build_l2_vector(self) -> np.ndarray:
+        vec = np.full(self.n_params, self.l2, dtype=np.float64)
+        if self.l2_from_regularizers:
+            if self.l2:
+                log.warning("l2=%g is added to the L2 regularisers the model carries (%s): pass "
+                            "l2=0 unless the training objective had both", self.l2,
+                            self.l2_from_regularizers)
+            keys = [self._variable_key(l, w) for l in self.target_layers
+                    for w in l.trainable_weights]
+            off = 0
+            for key, size in zip(keys, self.sizes):
+                vec[off:off + size] += self.l2_from_regularizers.get(key, 0.0)
+                off += size
+        return vec
 
     def _last_activation(self):
         last = self.model.layers[-1]
@@ -296,10 +376,34 @@ class InfluenceModel:
             "loss": self.loss_spec,
             "label_mode": self.label_mode,
             "l2": self.l2,
+            "regularizers": self.regularizers,
+            "l2_from_regularizers": dict(self.l2_from_regularizers),
             "dtype": self.dtype.name,
             "fingerprint": self.fingerprint(),
         }
 
     def __repr__(self):
         return (f"InfluenceModel(target_layers={[l.name for l in self.target_layers]}, "
-                f"d={self.n_params}, loss={self.loss_spec}, l2={self.l2})")
+                f"d={self.n_params}, loss={self.loss_spec}, l2={self.l2}"
+                + (f", l2_from_regularizers={self.l2_from_regularizers}"
+                   if self.l2_from_regularizers else "") + ")")
+
+
+def _l2_coefficient(reg) -> Optional[float]:
+    """``c`` of a regulariser equal to ``c * sum(w^2)``; None for any other kind."""
+    L = keras.regularizers
+    if type(reg) is L.L2:
+        return float(reg.l2)
+    if type(reg) is L.L1L2 and float(reg.l1) == 0.0:
+        return float(reg.l2)
+    return None
+
+
+def _describe_regularizer(reg) -> str:
+    if isinstance(reg, keras.regularizers.Regularizer):
+        try:
+            args = ", ".join(f"{k}={v}" for k, v in reg.get_config().items())
+        except Exception:  # noqa: BLE001  (a custom get_config may fail)
+            args = "..."
+        return f"{type(reg).__name__}({args})"
+    return f"custom callable {getattr(reg, '__name__', type(reg).__name__)}"

@@ -18,3 +18,30 @@ def test_bench_gradients_quick_runs():
     out = res.stdout
     assert "(a) per_example_gradients" in out and "(b) projected_gradients" in out
     assert "fallbacks (pfor while_loop) in (a)/(b)/jvp: none" in out
+
+
+def _lds_method_names():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_lds", os.path.join(ROOT, "benchmarks",
+                                                                            "lds.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return [c.name for c in mod.METHODS]
+
+
+@pytest.mark.slow
+def test_lds_quick_runs_and_exact_ranks_like_retraining():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "benchmarks/lds.py", "--quick"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {}
+    for line in res.stdout.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if line.startswith("| ") and len(cells) >= 8:
+            rows[cells[0]] = cells
+    missing = [name for name in _lds_method_names() if name not in rows]
+    assert not missing, f"no table row for {missing}:\n{res.stdout[-3000:]}"
+    assert float(rows["exact"][1]) > 0.5, rows["exact"]
+    assert not [r for r in rows.values() if r[-1].startswith("error")], res.stdout[-3000:]

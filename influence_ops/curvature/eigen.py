@@ -100,13 +100,14 @@ class ExactCurvature(EigenCurvature):
         return self.fit_from_combined((grads.hessian_sum(self.imodel, x, y), len(x)))
 
     def fit_from_combined(self, output):
-        """From ``(sum_i Hessian(l(z_i)), n)``: ``H = sum / n`` symmetrised, plus ``l2 I``."""
+        """From ``(sum_i Hessian(l(z_i)), n)``: ``H = sum / n`` symmetrised, plus the
+        regulariser's diagonal (``l2`` and the target layers' Keras L2 regularisers)."""
         hessian_sum, n = output
         if not n:
             raise ValueError("no training examples to fit on: the training set is empty or "
                              "every row was dead-lettered")
         h = np.asarray(hessian_sum, np.float64) / max(n, 1)
-        h = 0.5 * (h + h.T) + self.imodel.l2 * np.eye(h.shape[0])
+        h = 0.5 * (h + h.T) + np.diag(self.imodel.l2_vector)
         self.eigen = solvers.exact_inverse(h, self.damping, self.negative)
         self.fitted = True
         return self

@@ -200,7 +200,8 @@ class RepresenterPointsLJE(InfluenceMethod):
         clone = keras.models.clone_model(imodel.model)
         clone.set_weights(imodel.model.get_weights())
         self.perturbed = InfluenceModel(clone, target_layers=[clone.layers[-1].name],
-                                        loss=imodel._loss_fn, l2=imodel.l2)
+                                        loss=imodel._loss_fn, l2=imodel.l2,
+                                        regularizers=imodel.regularizers)
         self.curvature = build_curvature(self.perturbed, config,
                                          config.solver or self.default_solver)
         if not self.curvature.factored:
@@ -258,10 +259,10 @@ class RepresenterPointsLJE(InfluenceMethod):
         z0 = J @ self.theta0
         qmap = self.curvature.query_map(J)
         const = z0
-        if self.imodel.l2:
+        if self.imodel.has_regularization:
             # The regulariser's part of the Newton step, -J H0^-1 (l2 theta0), is shared
             # equally by the n examples (it belongs to none of them).
-            reg = self.curvature.train_map((self.imodel.l2 * self.theta0)[None, :])
+            reg = self.curvature.train_map((self.imodel.l2_vector * self.theta0)[None, :])
             const = z0 - (qmap @ reg.T)[:, 0]
         out = np.concatenate([-qmap / self.n_fit, (const / self.n_fit)[:, None]], axis=1)
         if C == 1:  # one logit: class 0 is explained by its negative

@@ -36,7 +36,8 @@ class TracIn(InfluenceMethod):
         self.seed, self.batch_size = int(seed), int(batch_size)
         target = [l.name for l in imodel.target_layers]
         self.checkpoint_models = [
-            InfluenceModel(c, target_layers=target, loss=imodel._loss_fn, l2=imodel.l2)
+            InfluenceModel(c, target_layers=target, loss=imodel._loss_fn, l2=imodel.l2,
+                           regularizers=imodel.regularizers)
             for c in checkpoints]
         self.fitted = True  # nothing to fit beyond the seeded projections
 
