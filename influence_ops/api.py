@@ -13,6 +13,8 @@ training example changes the test loss by about ``influence / n`` (n = training-
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 from typing import Optional, Tuple
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from influence_ops import artifacts, groups, registry
 from influence_ops import topk as topk_lib
-from influence_ops.config import InfluenceConfig
+from influence_ops.config import ConfigError, InfluenceConfig
 from influence_ops.methods.base import InfluenceMethod
 from influence_ops.model import InfluenceModel
 
@@ -70,6 +72,13 @@ def make_config(method: str = "influence", **options) -> InfluenceConfig:
     if method not in registry.method_names() and method in registry.curvature_names():
         options.setdefault("solver", method)
         method = "influence"
+    known = {f.name for f in dataclasses.fields(InfluenceConfig)}
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise ConfigError(f"unknown option {name!r}" +
+                              (f"; did you mean {close[0]!r}?" if close else "") +
+                              " (options have the command line's names, see InfluenceConfig)")
     return InfluenceConfig(method=method, **options).validate()
 
 

@@ -157,3 +157,27 @@ def test_unknown_names_list_the_registered_ones():
         InfluenceCalculator(helpers.logistic_model(3), method="nope")
     with pytest.raises(ConfigError, match="toy_scaled_identity"):
         InfluenceCalculator(helpers.logistic_model(3), solver="nope")
+
+
+def test_unknown_option_names_suggest_the_cli_name():
+    with pytest.raises(ConfigError, match="did you mean 'arnoldi_iter'"):
+        InfluenceCalculator(helpers.logistic_model(3), arnoldi_itr=10)
+
+
+def test_cli_form_and_python_form_give_equal_configs():
+    from influence_ops import InfluenceConfig
+    a = InfluenceConfig(target_layers="hidden,out", checkpoints="a.keras,b.keras",
+                        learning_rates="0.1,0.2", from_logits="auto", overwrite="true",
+                        rank="8", solver="")
+    b = InfluenceConfig(target_layers=("hidden", "out"), checkpoints=("a.keras", "b.keras"),
+                        learning_rates=(0.1, 0.2), from_logits=None, overwrite=True, rank=8)
+    assert a == b
+    assert InfluenceConfig(target_layers="2").target_layers == 2
+
+
+@pytest.mark.parametrize("option,value", [("damping", -1.0), ("k", 0), ("l2", -0.1),
+                                          ("max_bad_fraction", 1.5)])
+def test_bad_values_name_the_option(option, value):
+    from influence_ops import InfluenceConfig
+    with pytest.raises(ConfigError, match=f"--{option}"):
+        InfluenceConfig(**{option: value}).validate()

@@ -192,7 +192,7 @@ def test_rps_lje_reads_the_regularisers_like_a_hand_given_l2():
     out = []
     for im in (hand, keras_reg):
         im.set_flat_params(theta)
-        calc = InfluenceCalculator(im, method="rps_lje", step=1e-3).fit((x, y))
+        calc = InfluenceCalculator(im, method="rps_lje", lje_step=1e-3).fit((x, y))
         assert calc.method.perturbed.has_regularization
         out.append(calc.influence((xq, yq), (x, y)))
     np.testing.assert_allclose(out[1], out[0], rtol=1e-9, atol=1e-12)
