@@ -102,6 +102,9 @@ def calc(setup, method="influence", **kw):
      dict(solver="lissa", damping=0.1, lissa_scale=20.0, lissa_depth=100)),
     (["--method=rps_l2", "--rps_lambda=0.01"], "rps_l2", dict(rps_lambda=0.01)),
     (["--method=rps_lje", "--solver=exact"], "rps_lje", dict()),
+    (["--solver=ekfac"], "influence", dict(solver="ekfac")),
+    (["--solver=pcg", "--rank=4", "--arnoldi_iter=8", "--damping=0.01"], "influence",
+     dict(solver="pcg", rank=4, arnoldi_iter=8, damping=0.01)),
 ])
 def test_pipeline_equals_in_process(setup, flags, method, kwargs):
     name = "_".join(f.strip("-").replace("=", "-") for f in flags)
