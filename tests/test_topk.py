@@ -268,3 +268,17 @@ def test_long_stream_with_nan_rows_compacts_ids():
             np.testing.assert_array_equal(r[f"{side}_scores"], ref_s)
             np.testing.assert_array_equal(r[f"{side}_ids"], ref_i)
 
+
+def test_benchmark_smoke_run(capsys):
+    """benchmarks/bench_topk.py still runs (tiny sizes; timings belong to the benchmark)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "bench_topk.py")
+    spec = importlib.util.spec_from_file_location("bench_topk_smoke", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--n", "3072", "--m", "100", "7", "--repeats", "1",
+                       "--legacy-blocks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("all variants give identical results: yes") == 2 and "legacy" in out
