@@ -134,23 +134,6 @@ class ArraySumCombiner(Combiner):
 
 
 # ============================================================================ top-k
-class TopKCombiner(Combiner):
-    """Elements are per-block :class:`~influence_ops.topk.TopKAccumulator` partials; the
-    output is their merged ``extract()`` dict (or None when nothing was added)."""
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, partial):
-        return self.merge_into(acc, partial)
-
-    def merge_into(self, first, other):
-        if other is None:
-            return first
-        if first is None:
-            from influence_ops.topk import TopKAccumulator
-            first = TopKAccumulator(k=other.k, n_queries=other.n_queries)
-        return first.merge(other)
-
-    def extract_output(self, acc):
-        return None if acc is None else acc.extract()
+# The top-k merge lives beside its accumulator (influence_ops.topk); re-exported here so every
+# combiner of the project is reachable from one module.
+from influence_ops.topk import TopKCombiner  # noqa: E402,F401

@@ -115,7 +115,7 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
     counts["query_examples_featurized"] = _total(query_f, "QueryFeaturized")
     scored = train_f | "Score" >> score.Score(query_f, opts.k, opts.write_pairwise,
                                               opts.write_features)
-    topk = scored.topk | "MergeTopK" >> score.MergeTopK(query_f)
+    topk = scored.topk | "MergeTopK" >> score.MergeTopK(query_f, opts.k)
     tables = {"topk": topk, "self_influence": scored.self}
     written = {"topk": _write(topk, out, "topk", schemas.TOPK_SCHEMA),
                "self_influence": _write(scored.self, out, "self_influence",

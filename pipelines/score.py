@@ -94,7 +94,7 @@ class Score(beam.PTransform):
 
 def _topk_table(result, query_blocks):
     from influence_ops import schemas
-    if result is None:
+    if result is None or result["pro_scores"].size == 0:
         return schemas.TOPK_SCHEMA.empty_table()
     qids, _ = query_matrix(query_blocks)
     return schemas.topk_table(qids, result)
@@ -103,13 +103,13 @@ def _topk_table(result, query_blocks):
 class MergeTopK(beam.PTransform):
     """Per-block accumulators -> one pyarrow table (query_id, rank, train_id, score, kind)."""
 
-    def __init__(self, query_features, fanout: int = 16):
+    def __init__(self, query_features, k: int, fanout: int = 16):
         super().__init__()
-        self.query_features, self.fanout = query_features, fanout
+        self.query_features, self.k, self.fanout = query_features, k, fanout
 
     def expand(self, partials):
         from influence_ops.combiners import TopKCombiner
         return (partials
-                | "Merge" >> beam.CombineGlobally(BeamCombineFn(TopKCombiner()))
+                | "Merge" >> beam.CombineGlobally(BeamCombineFn(TopKCombiner(self.k)))
                 .with_fanout(self.fanout)
                 | "ToTable" >> beam.Map(_topk_table, beam.pvalue.AsList(self.query_features)))

@@ -2,11 +2,14 @@
 compare with a brute-force sort (score descending, id ascending for proponents)."""
 
 import itertools
+import pickle
+import string
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from influence_ops.topk import TopKAccumulator, top_k
+from influence_ops.topk import TopKAccumulator, TopKCombiner, top_k
 
 
 def brute_force(scores, ids, k, largest):
@@ -75,3 +78,207 @@ def test_bad_shapes_are_rejected():
         acc.add(np.zeros((2, 5)), np.arange(5))
     with pytest.raises(ValueError, match="ids must be"):
         acc.add(np.zeros((3, 5)), np.arange(4))
+
+
+# --- streaming implementation: property test against brute force, combiner, edge cases -------
+
+ID_CHARS = string.ascii_letters + string.digits + "-_."  # no NUL: numpy str drops trailing NULs
+
+
+def assert_matches(res, scores, ids, k):
+    for side, largest in (("pro", True), ("opp", False)):
+        ref_s, ref_i = brute_force(scores, ids, k, largest)
+        kk = min(k, len(ids))
+        np.testing.assert_array_equal(res[f"{side}_scores"], ref_s.reshape(len(scores), kk))
+        np.testing.assert_array_equal(res[f"{side}_ids"], ref_i.reshape(len(scores), kk))
+
+
+@settings(max_examples=100, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_property_any_blocks_any_merge_tree_equals_brute_force(data):
+    m = data.draw(st.integers(1, 20), label="m")
+    n = data.draw(st.integers(0, 400), label="n")
+    k = data.draw(st.integers(1, 30), label="k")
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    ids = np.array(data.draw(st.lists(st.text(ID_CHARS, min_size=1, max_size=6), min_size=n,
+                                      max_size=n, unique=True), label="ids"), dtype=str)
+    check_blocks_and_merge_tree(data, m, n, k, seed, ids)
+
+
+def check_blocks_and_merge_tree(data, m, n, k, seed, ids):
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.normal(size=(m, n)), 1)  # many exact ties
+    if data.draw(st.booleans(), label="sorted columns"):
+        scores = np.sort(scores, axis=1)  # adversarial order: nothing can be skipped
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=8), label="cuts"))
+    bounds = [0, *cuts, n]
+    parts = [TopKAccumulator(k=k, n_queries=m).add(scores[:, a:b], ids[a:b])
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    for i in range(len(parts)):  # some partials travel between workers (pickled)
+        if data.draw(st.booleans(), label=f"pickle {i}"):
+            parts[i] = pickle.loads(pickle.dumps(parts[i]))
+    pool = list(parts)
+    while len(pool) > 1:  # random merge tree
+        i = data.draw(st.integers(0, len(pool) - 1), label="into")
+        j = data.draw(st.integers(0, len(pool) - 2), label="from")
+        j += j >= i
+        pool[i].merge(pool[j])
+        del pool[j]
+    acc = pool[0]
+    assert acc.n_seen == n
+    res = acc.extract()
+    assert_matches(res, scores, ids, k)
+    assert res["k_exceeds_half"] == (2 * min(k, n) > n)
+    # The same blocks added to one running accumulator.
+    run = TopKAccumulator(k=k, n_queries=m)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        run.add(scores[:, a:b], ids[a:b])
+    assert_matches(run.extract(), scores, ids, k)
+
+
+def fast_reference(scores, ids, k, largest):
+    idb = np.broadcast_to(ids, scores.shape)
+    order = np.lexsort((idb, -scores if largest else scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(idb, order, 1)
+
+
+@pytest.mark.parametrize("decimals,sort_cols", [(2, False), (12, False), (1, True)])
+def test_many_queries_wide_blocks_equals_reference(decimals, sort_cols):
+    """Large enough for every internal path: threshold pass, argmax skipping and staged entries,
+    single insertions, exact ties at the k-th place, long rows split from short ones."""
+    rng = np.random.default_rng(decimals)
+    m, n, k = 120, 6000, 12
+    scores = np.round(rng.normal(size=(m, n)), decimals)
+    if sort_cols:
+        scores = np.sort(scores, axis=1)
+    ids = np.array([f"t{i}" for i in rng.permutation(n)])  # unpadded: string order != numeric
+    comb = TopKCombiner(k)
+    acc = comb.create_accumulator()
+    running = TopKAccumulator(k, m)
+    for a in range(0, n, 512):
+        acc = comb.add_input(acc, TopKAccumulator(k, m).add(scores[:, a:a + 512], ids[a:a + 512]))
+        running.add(scores[:, a:a + 512], ids[a:a + 512])
+    for res in (comb.extract_output(comb.compact(acc)), running.extract()):
+        for side, largest in (("pro", True), ("opp", False)):
+            ref_s, ref_i = fast_reference(scores, ids, k, largest)
+            np.testing.assert_array_equal(res[f"{side}_scores"], ref_s)
+            np.testing.assert_array_equal(res[f"{side}_ids"], ref_i)
+
+
+def test_combiner_any_order_compact_equals_brute_force():
+    scores, ids = make(m=5, n=600, seed=3)
+    k = 7
+    bounds = [0, 64, 65, 300, 301, 512, 600]
+    comb = TopKCombiner(k)  # n_queries taken from the first partial
+
+    def partials():
+        return [TopKAccumulator(k, 5).add(scores[:, a:b], ids[a:b])
+                for a, b in zip(bounds[:-1], bounds[1:])]
+
+    for order in ([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [2, 5, 0, 3, 1, 4]):
+        ps = partials()
+        accs = [comb.create_accumulator() for _ in range(3)]
+        for slot, i in enumerate(order):  # three "fanout" accumulators, then a final merge
+            accs[slot % 3] = comb.add_input(accs[slot % 3], ps[i])
+        accs = [comb.compact(pickle.loads(pickle.dumps(comb.compact(a)))) for a in accs]
+        rest = [a.extract()["pro_ids"].copy() for a in accs[1:]]
+        merged = comb.merge_accumulators(accs)
+        assert merged is accs[0]
+        for a, before in zip(accs[1:], rest):  # the others are not modified
+            np.testing.assert_array_equal(a.extract()["pro_ids"], before)
+        assert merged.n_seen == 600 and merged.n_queries == 5
+        assert_matches(comb.extract_output(merged), scores, ids, k)
+    acc = comb.add_inputs(comb.create_accumulator(), partials())
+    assert_matches(comb.extract_output(comb.compact(acc)), scores, ids, k)
+    empty = comb.merge_accumulators([])
+    assert empty.n_seen == 0 and comb.extract_output(empty)["pro_ids"].shape == (0, 0)
+
+
+def test_k_exceeds_half_flag():
+    scores, ids = make(m=2, n=30)
+    assert top_k(scores, ids, 10)["k_exceeds_half"] is False
+    assert top_k(scores, ids, 15)["k_exceeds_half"] is False
+    res = top_k(scores, ids, 16)  # 2 * 16 > 30: the lists share 2 examples per query
+    assert res["k_exceeds_half"] is True and res["pro_ids"].shape == (2, 16)
+    assert all(len(set(res["pro_ids"][q]) & set(res["opp_ids"][q])) == 2 for q in range(2))
+    res = top_k(scores[:, :3], ids[:3], 10)  # fewer examples than k: each list holds all 3
+    assert res["k_exceeds_half"] is True and res["opp_scores"].shape == (2, 3)
+    assert TopKAccumulator(k=3, n_queries=2).extract()["k_exceeds_half"] is False
+
+
+def test_nan_ranks_last_and_ids_of_any_length_survive():
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.normal(size=(3, 200)), 1)
+    scores[0, ::3] = np.nan
+    scores[1] = np.nan
+    ids = np.array([f"x{i:03d}" + "y" * (i // 50) * 4 for i in range(200)])  # longer per block
+    whole = top_k(scores, ids, 8)
+    for order in ((150, 100, 0, 50), (0, 50, 100, 150)):  # short ids first: widen, not truncate
+        acc = TopKAccumulator(k=8, n_queries=3)
+        for a in order:
+            block_ids = ids[a:a + 50].tolist()  # a fresh array per block: its own str width
+            acc.merge(TopKAccumulator(k=8, n_queries=3).add(scores[:, a:a + 50], block_ids))
+        res = acc.extract()
+        for key in ("pro_ids", "opp_ids"):
+            np.testing.assert_array_equal(res[key], whole[key])
+    assert not np.isnan(whole["pro_scores"][0]).any() and not np.isnan(whole["opp_scores"][2]).any()
+    np.testing.assert_array_equal(whole["pro_ids"][1], np.sort(ids)[:8])  # all NaN: by id
+    assert set(whole["opp_ids"][0]) <= set(ids[np.isfinite(scores[0])])
+    assert max(map(len, whole["pro_ids"].ravel())) > 10
+
+
+def test_extracted_arrays_do_not_change_when_accumulator_continues():
+    scores, ids = make(m=3, n=400, seed=5, ties=False)
+    acc = TopKAccumulator(k=4, n_queries=3).add(scores[:, :200], ids[:200])
+    first = acc.extract()
+    snap = {key: np.array(v, copy=True) for key, v in first.items()}
+    acc.add(scores[:, 200:], ids[200:])
+    for key, v in snap.items():
+        np.testing.assert_array_equal(first[key], v)
+    assert_matches(acc.extract(), scores, ids, 4)
+    # Lists passed to the constructor (the old dataclass fields) are used, and not written into.
+    again = TopKAccumulator(4, 3, snap["pro_scores"], snap["pro_ids"], snap["opp_scores"],
+                            snap["opp_ids"], n_seen=200).add(scores[:, 200:], ids[200:])
+    assert_matches(again.extract(), scores, ids, 4)
+    np.testing.assert_array_equal(snap["pro_ids"], first["pro_ids"])
+    with pytest.raises(ValueError, match="k must be"):
+        TopKAccumulator(k=0, n_queries=3)
+    with pytest.raises(ValueError, match="different k"):
+        acc.merge(TopKAccumulator(k=5, n_queries=3).add(scores[:, :5], ids[:5]))
+
+
+def test_long_stream_with_nan_rows_compacts_ids():
+    """Many small blocks: the id table is compacted along the way; NaN k-th best values make
+    whole rows compete; pickling after extract keeps the result."""
+    rng = np.random.default_rng(7)
+    m, n, k = 3, 30000, 4
+    scores = np.round(rng.normal(size=(m, n)), 2)
+    scores[1, rng.random(n) < 0.9997] = np.nan  # row 1: fewer numbers than k for a long time
+    scores[2, :20000] = np.nan
+    ids = np.array([f"i{i}" for i in rng.permutation(n)])
+    acc = TopKAccumulator(k, m)
+    for a in range(0, n, 100):
+        acc.add(scores[:, a:a + 100], ids[a:a + 100])
+    res = acc.extract()
+    again = pickle.loads(pickle.dumps(acc)).extract()
+    for side, largest in (("pro", True), ("opp", False)):
+        ref_s, ref_i = fast_reference(scores, ids, k, largest)
+        for r in (res, again):
+            np.testing.assert_array_equal(r[f"{side}_scores"], ref_s)
+            np.testing.assert_array_equal(r[f"{side}_ids"], ref_i)
+
+
+def test_benchmark_smoke_run(capsys):
+    """benchmarks/bench_topk.py still runs (tiny sizes; timings belong to the benchmark)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "bench_topk.py")
+    spec = importlib.util.spec_from_file_location("bench_topk_smoke", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--n", "3072", "--m", "100", "7", "--repeats", "1",
+                       "--legacy-blocks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("all variants give identical results: yes") == 2 and "legacy" in out
