@@ -102,13 +102,11 @@ class InfluenceCalculator:
 
     def fit(self, train, queries=None, query_ids=None) -> "InfluenceCalculator":
         x, y = as_arrays(train)
-        if self.method.needs_queries:
-            if queries is None:
-                raise ValueError(f"{self.method.name} with this solver fits on the queries: "
-                                 "pass queries=(x_test, y_test)")
+        if self.method.needs_queries and queries is not None:
             qx, qy = as_arrays(queries)
             self.method.fit(x, y, qx, qy, query_ids)
         else:
+            # Methods that solve their queries do it when they first see them (prepare_queries).
             self.method.fit(x, y)
         return self
 
@@ -116,6 +114,7 @@ class InfluenceCalculator:
         """``(n_queries, n_train)`` scores."""
         qx, qy = as_arrays(queries)
         x, y = as_arrays(train)
+        self.method.prepare_queries(qx, qy, query_ids)
         return self.method.scores(qx, qy, x, y, query_ids)
 
     def self_influence(self, train) -> np.ndarray:
@@ -132,6 +131,7 @@ class InfluenceCalculator:
         qx, qy = as_arrays(queries)
         x, y = as_arrays(train)
         ids = default_ids(len(x)) if train_ids is None else np.asarray(train_ids)
+        self.method.prepare_queries(qx, qy, query_ids)
         q = self.method.query_features(qx, qy, query_ids).astype(np.float64)
         acc = topk_lib.TopKAccumulator(k=k, n_queries=len(q))
         for start in range(0, len(x), block_size):
@@ -151,6 +151,7 @@ class InfluenceCalculator:
         qx, qy = as_arrays(queries)
         x, y = as_arrays(train)
         if order == 1:
+            self.method.prepare_queries(qx, qy, query_ids)
             return groups.first_order_group_scores(self.method, qx, qy, x, y, group_ids,
                                                    query_ids)
         if order == 2:

@@ -138,7 +138,8 @@ class InfluenceConfig:
         "method", "influence method", choices=_method_choices))
     solver: Optional[str] = field(default=None, metadata=_opt(
         "method", "curvature model (inverse-Hessian solver); empty = the method's default "
-                  "(arnoldi for influence / relatif, exact for rps_lje)",
+                  "(pcg for influence / relatif: exact-quality query solves; exact for "
+                  "rps_lje)",
         choices=_curvature_choices))
     damping: float = field(default=0.0, metadata=_opt(
         "method", "adds damping*I to H", parse=float))

@@ -259,13 +259,52 @@ def predictions(imodel: InfluenceModel, x, batch_size: int = 1024) -> np.ndarray
                            for s in _batches(len(x), batch_size)])
 
 
-def _hvp_fn(imodel: InfluenceModel):
+class FrontActivations:
+    """The inputs of the first target layer for a set of examples, ``front(x)`` computed once.
+
+    Iterative curvature fits (Arnoldi, CG, LiSSA, PCG, trace estimates) run hundreds of
+    Hessian-vector products over the same fit sample; the frozen layers below the targets do
+    not change, so their output is cached here and every HVP runs only the head. Indexing
+    (``acts[idx]``) gives the activations of a subset. Holds one copy of the sample, in the
+    shape of the first target layer's input.
+    """
+
+    def __init__(self, h: np.ndarray):
+        self.h = h
+
+    def __len__(self):
+        return len(self.h)
+
+    def __getitem__(self, idx) -> "FrontActivations":
+        return FrontActivations(self.h[idx])
+
+
+def front_activations(imodel: InfluenceModel, x, batch_size: int = 1024) -> FrontActivations:
+    """``front(x)`` in batches (the identity for models that are not split)."""
+    if isinstance(x, FrontActivations):
+        return x
+    x = _cast_x(imodel, x)
+    if imodel._front is None or not imodel._front:
+        return FrontActivations(x)
+
+    def build():
+        @tf.function(reduce_retracing=True)
+        def fn(xb):
+            return imodel.front(xb)
+        return fn
+    fn = _cached(imodel, "front", build)
+    return FrontActivations(np.concatenate([fn(x[s]).numpy() for s in
+                                            _batches(len(x), batch_size)]))
+
+
+def _hvp_fn(imodel: InfluenceModel, on_activations: bool = False):
     def build():
         def one(x, y, v):
             with tf.autodiff.ForwardAccumulator(imodel._tf_vars, imodel.unflatten(v)) as acc:
                 with tf.GradientTape() as tape:
                     tape.watch(imodel._tf_vars)
-                    loss = tf.reduce_sum(imodel.per_example_loss(y, imodel.head(imodel.front(x))))
+                    h = x if on_activations else imodel.front(x)
+                    loss = tf.reduce_sum(imodel.per_example_loss(y, imodel.head(h)))
                 grads = tape.gradient(loss, imodel._tf_vars,
                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return imodel.flatten(acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO))
@@ -275,7 +314,7 @@ def _hvp_fn(imodel: InfluenceModel):
             # Several directions per call: pfor batches the forward-over-backward pass.
             return tf.vectorized_map(lambda v: one(x, y, v), V)
         return fn
-    return _cached(imodel, "hvp", build)
+    return _cached(imodel, "hvp_head" if on_activations else "hvp", build)
 
 
 HVP_VECTORS_PER_CALL = 32
@@ -288,12 +327,14 @@ def hessian_vector_products(imodel: InfluenceModel, x, y, vectors: np.ndarray,
 
     ``H`` is the Hessian of ``mean_i l(z_i)`` over the given examples (``reduce='sum'`` for the
     sum, as second-order group influence needs), plus the regulariser's
-    ``diag(imodel.l2_vector)`` when ``include_l2``.
+    ``diag(imodel.l2_vector)`` when ``include_l2``. ``x`` may be :class:`FrontActivations`
+    (then only the head runs: what repeated products over one fit sample should pass).
     """
-    x = _cast_x(imodel, x)
+    cached = isinstance(x, FrontActivations)
+    x = x.h if cached else _cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
     vectors = np.atleast_2d(np.asarray(vectors, dtype=imodel.dtype.as_numpy_dtype))
-    fn = _hvp_fn(imodel)
+    fn = _hvp_fn(imodel, on_activations=cached)
     out = np.zeros_like(vectors)
     n = len(x)
     batches = list(_batches(n, batch_size))

@@ -89,12 +89,14 @@ def _preconditioner(preconditioner: Optional[Preconditioner]):
 
 
 def _curvature_error(row, it, rayleigh, damping):
-    return NotPositiveDefiniteError(
+    err = NotPositiveDefiniteError(
         f"block_pcg: non-positive curvature for right-hand side {row} at iteration {it}: "
         f"p^T (H + damping) p / ||p||^2 = {rayleigh:.3e} with damping={damping:g}. "
         "H + damping is not positive definite (a non-convex model, or a singular Hessian with "
         "a right-hand side outside its range): increase damping past the most negative "
         "eigenvalue of H")
+    err.rayleigh = float(rayleigh)  # an upper bound on the smallest eigenvalue of H + damping
+    return err
 
 
 def _preconditioner_error(row, it):

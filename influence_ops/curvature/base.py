@@ -36,6 +36,9 @@ class Curvature:
 
     registered_name = "base"
     factored = False
+    # An unfactored curvature may offer a factored approximation of itself (e.g. PCG's
+    # Arnoldi preconditioner) that serves self-influence at scale without per-example solves.
+    self_curvature: Optional["Curvature"] = None
 
     def __init__(self, imodel: InfluenceModel, config):
         self.imodel = imodel

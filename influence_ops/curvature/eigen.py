@@ -80,7 +80,9 @@ class EigenCurvature(Curvature):
         self.fitted = True
 
     def _hvp(self, x, y):
-        return lambda V: grads.hessian_vector_products(self.imodel, x, y, V, HVP_BATCH)
+        """``V -> H V`` over ``(x, y)``; the frozen layers below the targets run once."""
+        acts = grads.front_activations(self.imodel, x)
+        return lambda V: grads.hessian_vector_products(self.imodel, acts, y, V, HVP_BATCH)
 
 
 @register_curvature("exact")

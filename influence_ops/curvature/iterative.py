@@ -21,16 +21,32 @@ from influence_ops.registry import register_curvature
 class SampleCurvature(Curvature):
     """Holds the fit sample; subclasses implement :meth:`solve`."""
 
+    _acts = None
+
     def fit(self, x, y):
         self.fit_x, self.fit_y = np.asarray(x), np.asarray(y)
+        self._acts = None
         self.fitted = True
         return self
+
+    @property
+    def activations(self) -> grads.FrontActivations:
+        """The fit sample through the frozen layers, computed once per process (every
+        Hessian-vector product of every solve runs only the head on it)."""
+        if self._acts is None:
+            self._acts = grads.front_activations(self.imodel, self.fit_x)
+        return self._acts
+
+    def hvp(self, V):
+        return grads.hessian_vector_products(self.imodel, self.activations, self.fit_y, V,
+                                             HVP_BATCH)
 
     def arrays(self):
         return {"fit_x": self.fit_x, "fit_y": self.fit_y}
 
     def restore(self, arrays):
         self.fit_x, self.fit_y = arrays["fit_x"], arrays["fit_y"]
+        self._acts = None
         self.fitted = True
 
 
@@ -44,9 +60,7 @@ class ConjugateGradientCurvature(SampleCurvature):
 
     def solve(self, G):
         self._check_fitted()
-        hvp = lambda V: grads.hessian_vector_products(  # noqa: E731
-            self.imodel, self.fit_x, self.fit_y, V, HVP_BATCH)
-        return solvers.conjugate_gradient(hvp, G, self.damping, self.max_iter, self.tol)
+        return solvers.conjugate_gradient(self.hvp, G, self.damping, self.max_iter, self.tol)
 
 
 @register_curvature("lissa")
@@ -61,7 +75,7 @@ class LissaCurvature(SampleCurvature):
 
     def solve(self, G):
         self._check_fitted()
-        x, y = self.fit_x, self.fit_y
+        x, y = self.activations, self.fit_y
         n = len(x)
         b = min(self.batch, n)
 

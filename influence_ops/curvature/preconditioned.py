@@ -25,14 +25,13 @@ import logging
 
 import numpy as np
 
-from influence_ops import gradients as grads
 from influence_ops import pcg, solvers
-from influence_ops.curvature.eigen import HVP_BATCH
 from influence_ops.curvature.iterative import SampleCurvature
 from influence_ops.registry import register_curvature
 
 log = logging.getLogger(__name__)
 TRACE_PROBES = 16
+AUTO_DAMPING = 1e-3  # fraction of the mean eigenvalue added when H + damping is not PD
 
 
 @register_curvature("pcg")
@@ -48,23 +47,43 @@ class PreconditionedCGCurvature(SampleCurvature):
         self.config = config
         self.deflation = None
         self.kronecker = None
+        self.added_damping = 0.0
         self.last_info = {}
-
-    def _hvp(self):
-        return lambda V: grads.hessian_vector_products(self.imodel, self.fit_x, self.fit_y, V,
-                                                       HVP_BATCH)
 
     def fit(self, x, y):
         super().fit(x, y)
+        self._eigen_curvature = None
+        self.added_damping, self.damping = 0.0, float(self.config.damping)
         if self.kind == "arnoldi":
-            eigen = solvers.arnoldi(self._hvp(), self.imodel.n_params, self.n_iter, self.rank,
-                                    self.damping, "drop", self.seed)
+            # All Ritz pairs, negatives kept: they show whether H + damping is indefinite.
+            steps = min(self.n_iter, self.imodel.n_params)
+            ritz = solvers.arnoldi(self.hvp, self.imodel.n_params, steps, steps,
+                                   self.damping, "keep", self.seed)
+            self._shift_if_indefinite(float(ritz.lam.min()), "the Arnoldi Ritz values")
+            eigen = solvers.select_eigenpairs(ritz.lam + self.added_damping, ritz.U, 0.0,
+                                              self.rank, "drop")
             self.deflation = pcg.DeflationPreconditioner.from_hvp(
-                eigen, self._hvp(), self.damping, TRACE_PROBES, self.seed)
+                eigen, self.hvp, self.damping, TRACE_PROBES, self.seed)
         elif self.kind == "ekfac":
             from influence_ops.curvature.kronecker import EKFACCurvature
             self.kronecker = EKFACCurvature(self.imodel, self.config).fit(x, y)
         return self
+
+    @property
+    def self_curvature(self):
+        """The preconditioner as a factored curvature: self-influence from the top ``--rank``
+        eigenpairs (Arnoldi), or from EK-FAC; None for ``--preconditioner=none``."""
+        if self.kronecker is not None:
+            return self.kronecker
+        if self.deflation is None:
+            return None
+        if getattr(self, "_eigen_curvature", None) is None:
+            from influence_ops.curvature.eigen import EigenCurvature
+            c = EigenCurvature(self.imodel, self.config)
+            c.eigen = solvers.EigenInverse(U=self.deflation.U, lam=self.deflation.lam)
+            c.fitted = True
+            self._eigen_curvature = c
+        return self._eigen_curvature
 
     def _preconditioner(self):
         if self.deflation is not None:
@@ -82,8 +101,11 @@ class PreconditionedCGCurvature(SampleCurvature):
             if i % 10 == 0:
                 log.info("pcg: iteration %d/%d, %d systems left, worst residual %.1e", i,
                          total, active, worst)
-        X, info = pcg.block_pcg(self._hvp(), G, self.damping, self._preconditioner(),
-                                self.max_iter, self.tol, progress)
+        try:
+            X, info = pcg.block_pcg(self.hvp, G, self.damping, self._preconditioner(),
+                                    self.max_iter, self.tol, progress)
+        except pcg.NotPositiveDefiniteError as e:
+            X, info = self._solve_with_added_damping(G, progress, e)
         self.last_info = {"iterations": int(info["iterations"]),
                           "converged": int(np.sum(info["converged"])), "systems": len(G),
                           "max_rel_residual": float(np.max(info["rel_residuals"]))
@@ -92,11 +114,46 @@ class PreconditionedCGCurvature(SampleCurvature):
                  self.kind, self.last_info["iterations"], len(G), self.last_info["converged"])
         return X
 
+    def _shift_if_indefinite(self, lam_min: float, seen_by: str) -> None:
+        """Eigenvalue policy of pcg: CG needs ``H + damping`` positive definite. When
+        ``lam_min`` (of ``H + damping``) is not positive (a non-convex model, or float32
+        rounding), add ``1.1 |lam_min|`` plus ``AUTO_DAMPING`` x the mean eigenvalue to the
+        damping and warn; the added damping is recorded in the artifact."""
+        if lam_min > 0:
+            return
+        d = self.imodel.n_params
+        mean = abs(pcg.hutchinson_trace(self.hvp, d, TRACE_PROBES, self.seed)) / d
+        delta = 1.1 * abs(lam_min) + AUTO_DAMPING * max(mean, 1e-12)
+        log.warning("pcg: H + damping is not positive definite (smallest eigenvalue %.3g, from "
+                    "%s): adding damping %.3g so conjugate gradient applies; scores are then "
+                    "those of H + %.3g I. Pass --damping to choose it yourself.", lam_min,
+                    seen_by, delta, self.damping + delta)
+        self.added_damping += delta
+        self.damping += delta
+
+    def _solve_with_added_damping(self, G, progress, error):
+        """Non-positive curvature met during the solve (rounding, or a negative eigenvalue the
+        Ritz values missed): shift by the curvature CG saw, rebuild the preconditioner, solve
+        again."""
+        old = self.damping
+        self._shift_if_indefinite(min(getattr(error, "rayleigh", 0.0), 0.0), "the CG iteration")
+        if self.deflation is not None:
+            delta = self.damping - old
+            keep = self.deflation.lam + delta > 0
+            self.deflation = pcg.DeflationPreconditioner(
+                self.deflation.U[:, keep], self.deflation.lam[keep] + delta,
+                self.deflation.tau + delta)
+            self._eigen_curvature = None
+        return pcg.block_pcg(self.hvp, G, self.damping, self._preconditioner(), self.max_iter,
+                             self.tol, progress)
+
     def params(self):
-        return {"preconditioner": self.kind, "last_solve": self.last_info}
+        return {"preconditioner": self.kind, "last_solve": self.last_info,
+                "added_damping": self.added_damping}
 
     def arrays(self):
         out = super().arrays()
+        out["added_damping"] = np.array(self.added_damping)
         if self.deflation is not None:
             out.update({"U": self.deflation.U, "lam": self.deflation.lam,
                         "tau": np.array(self.deflation.tau)})
@@ -106,6 +163,9 @@ class PreconditionedCGCurvature(SampleCurvature):
 
     def restore(self, arrays):
         super().restore(arrays)
+        self._eigen_curvature = None
+        self.added_damping = float(arrays.get("added_damping", 0.0))
+        self.damping = float(self.config.damping) + self.added_damping
         if "U" in arrays:
             self.deflation = pcg.DeflationPreconditioner(arrays["U"], arrays["lam"],
                                                          float(arrays["tau"]))

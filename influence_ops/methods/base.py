@@ -64,6 +64,11 @@ class InfluenceMethod:
         raise NotImplementedError
 
     @classmethod
+    def prepare_queries(self, query_x, query_y, query_ids=None) -> None:
+        """Work that depends on the queries before scoring them (solving them, for methods
+        whose curvature has no feature map); a no-op by default."""
+
+    @classmethod
     def combiner(cls, config, imodel_factory):
         """A combiner whose output fits this method from all training data (see
         :meth:`fit_from_combined`), or None when it fits on a sample. A class method: the

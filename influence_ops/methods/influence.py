@@ -34,14 +34,15 @@ class FirstOrderInfluence(InfluenceMethod):
 
     relatif = False
     second_order_groups = True
-    default_solver = "arnoldi"
+    # Exact-quality test x train answers at any d: queries solved by preconditioned CG
+    # (benchmarks/lds.py: LDS equal to exact influence's, where Arnoldi rank 32 loses ~0.22).
+    default_solver = "pcg"
 
     def __init__(self, imodel, curvature, batch_size: int = grads.DEFAULT_BATCH):
         super().__init__(imodel)
         self.curvature = curvature
         self.batch_size = int(batch_size)
         self.needs_queries = not curvature.factored
-        self.self_influence_at_scale = curvature.factored
         self.Q: Optional[np.ndarray] = None          # (m, d) query solutions (unfactored)
         self.query_ids: Optional[np.ndarray] = None
 
@@ -57,6 +58,11 @@ class FirstOrderInfluence(InfluenceMethod):
     @property
     def solver(self) -> str:
         return self.curvature.registered_name
+
+    @property
+    def self_influence_at_scale(self) -> bool:
+        return self.curvature.factored or (self.curvature.self_curvature is not None
+                                           and not self.relatif)
 
     # -- fitting ------------------------------------------------------------------------------
     @classmethod
@@ -75,16 +81,25 @@ class FirstOrderInfluence(InfluenceMethod):
         log.info("fitting %s/%s on %d examples, d=%d", self.name, self.solver, len(x),
                  self.imodel.n_params)
         self.curvature.fit(x, y)
-        if not self.curvature.factored:
-            if query_x is None:
-                raise ValueError(f"solver {self.solver!r} solves one system per query: pass "
-                                 "query_x/query_y (and query_ids) to fit()")
-            gq = grads.per_example_gradients(self.imodel, query_x, query_y, self.batch_size)
-            self.Q = self.solve(gq.astype(np.float64))
-            self.query_ids = (np.asarray(query_ids) if query_ids is not None
-                              else np.arange(len(gq)).astype(str))
         self.fitted = True
+        if not self.curvature.factored and query_x is not None:
+            self.prepare_queries(query_x, query_y, query_ids)
         return self
+
+    def prepare_queries(self, query_x, query_y, query_ids=None) -> None:
+        """Unfactored curvature: solves ``Q = (H + damping)^-1 G_test`` for these queries
+        (all at once) unless they are the ones already solved. A no-op when factored."""
+        self._check_fitted()
+        if self.curvature.factored:
+            return
+        ids = (np.asarray(query_ids).astype(str) if query_ids is not None
+               else np.arange(len(query_x)).astype(str))
+        if self.Q is not None and len(ids) == len(self.query_ids) and \
+                np.array_equal(ids, np.asarray(self.query_ids).astype(str)):
+            return
+        gq = grads.per_example_gradients(self.imodel, query_x, query_y, self.batch_size)
+        self.Q = self.solve(gq.astype(np.float64))
+        self.query_ids = ids
 
     def solve(self, G: np.ndarray) -> np.ndarray:
         """``(H + damping I)^-1`` applied to the rows of ``G`` ``(m, d)``."""
@@ -99,19 +114,35 @@ class FirstOrderInfluence(InfluenceMethod):
         return maps
 
     def _solved_maps(self, x, y, want_self: bool):
-        """Unfactored: ``(phi, self or None)``; solves one system per example only when RelatIF
-        norms or self-influence need it (the gradients are computed once either way)."""
+        """Unfactored: ``(phi or None, self or None)``. Self-influence comes from the
+        curvature's factored approximation when it has one; otherwise (and for RelatIF norms)
+        one system is solved per example (the gradients are computed once either way). phi
+        needs the solved queries; it is None before they are known (self-influence only)."""
+        if self.Q is None and not want_self:
+            self._one_hot_queries(0, None)  # the error that says what to do
+
+        def project():
+            if self.Q is None:
+                return None
+            return grads.projected_gradients(self.imodel, x, y, self.Q.T,
+                                             self.batch_size).astype(np.float64)
         if not (self.relatif or want_self):
-            phi = grads.projected_gradients(self.imodel, x, y, self.Q.T, self.batch_size)
-            return phi.astype(np.float64), None
+            return project(), None
+        approx = self.curvature.self_curvature
+        if approx is not None and not self.relatif:
+            # Self-influence at scale from the factored approximation (e.g. the Arnoldi model
+            # that preconditions PCG): no per-example solves.
+            maps = approx.gradient_maps(x, y, train=True, query=True)
+            return project(), np.sum(maps["train"] * maps["query"], axis=1)
         g = grads.per_example_gradients(self.imodel, x, y, self.batch_size).astype(np.float64)
         self._warn_per_example_solves(len(g), "RelatIF" if self.relatif else "self-influence")
-        phi = g @ self.Q.T
+        phi = None if self.Q is None else g @ self.Q.T
         sol = self.solve(g)
         norms = np.maximum(np.linalg.norm(sol, axis=1), 1e-30)
         self_scores = np.sum(g * sol, axis=1)
         if self.relatif:
-            phi /= norms[:, None]
+            if phi is not None:
+                phi /= norms[:, None]
             self_scores /= norms
         return phi, (self_scores if want_self else None)
 
@@ -134,6 +165,10 @@ class FirstOrderInfluence(InfluenceMethod):
         return self._factored_maps(x, y, query=True)["query"]
 
     def _one_hot_queries(self, m, ids):
+        if self.Q is None:
+            raise ValueError(f"solver {self.solver!r} solves its queries: call "
+                             "prepare_queries(query_x, query_y, query_ids) (or pass the queries "
+                             "to fit) before scoring")
         if ids is None:
             if m != len(self.query_ids):
                 raise ValueError(f"{self.solver} was fitted on {len(self.query_ids)} queries; pass "
@@ -160,7 +195,7 @@ class FirstOrderInfluence(InfluenceMethod):
         dt = model_float(self.imodel)
         if not self.curvature.factored:
             phi, self_scores = self._solved_maps(x, y, want_self=True)
-            return phi.astype(dt), None, self_scores
+            return (None if phi is None else phi.astype(dt)), None, self_scores
         maps = self._factored_maps(x, y, query=True)
         phi, psi = maps["train"], maps["query"]
         return phi.astype(dt), psi.astype(dt), np.sum(phi * psi, axis=1)
