@@ -119,10 +119,18 @@ class FitMethod(beam.PTransform):
         config = self.config
         combiner = registry.get_method(config.method).combiner(config, _ModelFactory(config))
         if combiner is not None:
-            payload = (blocks
-                       | "Elements" >> beam.Map(lambda b: (b.x, b.y))
-                       | "Combine" >> beam.CombineGlobally(BeamCombineFn(combiner))
-                       | "Tag" >> beam.Map(lambda out: ("combined", out)))
+            # One combine per pass over all training blocks; a later pass receives the
+            # previous pass's output as a side input keyword (EK-FAC: factors, then the
+            # eigenvalue correction in their eigenbasis).
+            passes = combiner if isinstance(combiner, (list, tuple)) else [combiner]
+            elements = blocks | "Elements" >> beam.Map(lambda b: (b.x, b.y))
+            out = None
+            for i, comb in enumerate(passes):
+                side = {} if out is None else {
+                    getattr(comb, "previous_keyword", "previous"): beam.pvalue.AsSingleton(out)}
+                out = elements | f"Combine{'' if i == 0 else i + 1}" >> beam.CombineGlobally(
+                    BeamCombineFn(comb), **side)
+            payload = out | "Tag" >> beam.Map(lambda out: ("combined", out))
         else:
             total = (blocks | "Count" >> beam.Map(len)
                      | "Total" >> beam.CombineGlobally(sum))

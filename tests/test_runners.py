@@ -136,7 +136,7 @@ def _check_same(base, other):
     drop = lambda m: {k: v for k, v in m["artifact"].items()  # noqa: E731
                       if k not in ("created", "fit_seconds")}
     assert drop(other["manifest"]) == drop(base["manifest"])
-    lam_a, lam_b = (np.load(os.path.join(r["out"], "artifact", "arrays.npz"))["lam"]
+    lam_a, lam_b = (np.load(os.path.join(r["out"], "artifact", "arrays.npz"))["curvature.lam"]
                     for r in (base, other))
     np.testing.assert_allclose(lam_b, lam_a, rtol=RTOL, atol=RTOL * np.abs(lam_a).max())
 
@@ -182,6 +182,25 @@ def test_fnapi_multi_processing_matches(job, monkeypatch, caplog):
     assert res["manifest"]["options"]["direct_num_workers"] == 2
     _check_complete(job, res)
     _check_same(job["base"], res)
+
+
+@pytest.mark.parametrize("solver", ["pcg", "ekfac"])
+def test_at_scale_solvers_multi_processing_match_in_process(job, monkeypatch, solver):
+    """The at-scale paths (pcg: sample fit + query solves on one worker; ekfac: two combine
+    passes over all blocks, the second with the first's factors as a side input) give the
+    same result in two SDK worker processes as in process."""
+    monkeypatch.setenv("PYTHONPATH", _pythonpath())
+    flags = [f"--solver={solver}", "--damping=0.001"]
+    base = _run(job, f"{solver}_in_process", *flags)
+    multi = _run(job, f"{solver}_multi", *flags, "--direct_running_mode=multi_processing",
+                 "--direct_num_workers=2")
+    _check_complete(job, multi)
+    a, b = base["topk"], multi["topk"]
+    cols = ["query_id", "rank", "train_id", "kind"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    np.testing.assert_allclose(b.score.to_numpy(), a.score.to_numpy(), rtol=RTOL)
+    np.testing.assert_allclose(multi["self"].score.to_numpy(), base["self"].score.to_numpy(),
+                               rtol=RTOL)
 
 
 # ============================================================================ 3. portable + pool

@@ -21,6 +21,13 @@ from influence_ops.curvature.base import Curvature
 from influence_ops.registry import register_curvature
 
 
+class _CorrectionPass(ekfac.EKFACCorrectionCombiner):
+    """The correction pass as the pipeline's second combine: the first pass's factors arrive
+    as the side input keyword ``factors``."""
+
+    previous_keyword = "factors"
+
+
 @register_curvature("ekfac")
 class EKFACCurvature(Curvature):
     """EK-FAC: Kronecker eigenbasis with corrected eigenvalues (a second pass over the data)."""
@@ -34,6 +41,28 @@ class EKFACCurvature(Curvature):
         self.sampling, self.seed = config.fisher, int(config.seed)
         self.relative_damping = float(config.ekfac_relative_damping)
         self.model = None
+
+    @classmethod
+    def combiner(cls, config, imodel_factory):
+        """Fit over all training blocks: the factors' pass, then (EK-FAC) the correction pass."""
+        damping = float(config.damping) or None
+        passes = [ekfac.KFACFactorsCombiner(imodel_factory, config.fisher, int(config.seed),
+                                            int(config.batch_size))]
+        if cls.corrected:
+            passes.append(_CorrectionPass(imodel_factory, damping=damping,
+                                          rel_damping=float(config.ekfac_relative_damping),
+                                          batch_size=int(config.batch_size)))
+        return passes
+
+    def fit_from_combined(self, output):
+        """From the last pass: an EKFAC (corrected) or the K-FAC factors."""
+        if isinstance(output, ekfac.EKFAC):
+            self.model = output
+        else:
+            self.model = ekfac.EKFAC.build(output, self.imodel, damping=self.damping or None,
+                                           rel_damping=self.relative_damping)
+        self.fitted = True
+        return self
 
     def fit(self, x, y):
         self.model = ekfac.fit_ekfac(
