@@ -122,3 +122,16 @@ def test_pcg_on_an_indefinite_hessian_shifts_and_warns(caplog):
     np.testing.assert_allclose(calc.influence((xq, yq), (x, y)), ref, rtol=1e-6,
                                atol=1e-6 * np.abs(ref).max())
     assert np.isfinite(calc.self_influence((x, y))).all()
+
+
+def test_refitting_solves_the_queries_again(mlp):
+    """A refit on other data must not keep the previous fit's query solutions."""
+    t, q = (mlp["x"], mlp["y"]), (mlp["xq"], mlp["yq"])
+    calc = InfluenceCalculator(mlp["im"], solver="cg", damping=DAMPING, cg_tol=1e-10,
+                               cg_max_iter=500)
+    calc.fit((mlp["x"][:60], mlp["y"][:60]), queries=q)
+    first = calc.influence(q, t)
+    calc.fit(t, queries=q)
+    np.testing.assert_allclose(calc.influence(q, t), mlp["exact"], rtol=1e-6,
+                               atol=1e-6 * np.abs(mlp["exact"]).max())
+    assert not np.allclose(first, mlp["exact"], rtol=1e-3)

@@ -82,6 +82,7 @@ class FirstOrderInfluence(InfluenceMethod):
                  self.imodel.n_params)
         self.curvature.fit(x, y)
         self.fitted = True
+        self.Q, self.query_ids = None, None  # solutions of a previous fit are stale
         if not self.curvature.factored and query_x is not None:
             self.prepare_queries(query_x, query_y, query_ids)
         return self

@@ -1,0 +1,116 @@
+"""The whole job at size: stage times and peak memory against one forward+backward pass.
+
+Synthetic 32x32x3 images through the benchmark CNN of ``bench_fit.py`` (target = its last two
+Dense layers), written as ``.npz`` shards; the CLI job runs on the default (in-process)
+runner for each ``--solvers`` entry, each in a fresh subprocess so peak memory is the job's
+own. Printed per solver: wall time, fit / featurize / score seconds from ``run_manifest.json``,
+peak RSS, and the ratio wall time / one forward+backward of the whole model over the training
+set (measured in this process). Always exits 0; compare ratios, not seconds.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_job.py --n 20000 --queries 100
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_job.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def forward_backward_seconds(model, x, y) -> float:
+    import tensorflow as tf
+    import keras
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function(reduce_retracing=True)
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=False))
+        return tape.gradient(loss, model.trainable_variables)
+
+    def once():
+        for s in range(0, len(x), 512):
+            step(x[s:s + 512], y[s:s + 512])
+    once()
+    t = time.perf_counter()
+    once()
+    return time.perf_counter() - t
+
+
+def run_job(workdir, name, flags):
+    out = os.path.join(workdir, name)
+    code = ("import resource, sys, json; from pipelines import run as r; "
+            "m = r.run(sys.argv[1:]); "
+            "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code, f"--output={out}"] + flags,
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        return {"name": name, "error": res.stderr.strip().splitlines()[-1][:200]}
+    peak = float([line.split()[1] for line in res.stdout.splitlines()
+                  if line.startswith("PEAK_RSS_MB")][0])
+    with open(os.path.join(out, "run_manifest.json")) as f:
+        man = json.load(f)
+    tm = man["timings"]
+    return {"name": name, "wall": wall, "peak_mb": peak, "fit": tm.get("fit_seconds") or 0.0,
+            "featurize": (tm.get("featurize_train", {}).get("seconds", 0.0)
+                          + tm.get("featurize_query", {}).get("seconds", 0.0)),
+            "score": tm.get("score", {}).get("seconds", 0.0)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--solvers", default="arnoldi,pcg")
+    ap.add_argument("--fit_sample_size", type=int, default=10000)
+    ap.add_argument("--quick", action="store_true", help="n=2,000, 20 queries")
+    args = ap.parse_args(argv)
+    n, m = (2000, 20) if args.quick else (args.n, args.queries)
+    from bench_fit import cnn
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    model = cnn()
+    model.compile(optimizer="adam",
+                  loss=__import__("keras").losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:2000], y[:2000], epochs=1, verbose=0)
+    t_fb = forward_backward_seconds(model, x, y)
+    work = tempfile.mkdtemp(prefix="bench_job_")
+    model.save(os.path.join(work, "model.keras"))
+    shards = 4
+    for i in range(shards):
+        s = slice(i * n // shards, (i + 1) * n // shards)
+        np.savez(os.path.join(work, f"train_{i}.npz"), x=x[s], y=y[s])
+    np.savez(os.path.join(work, "queries.npz"), x=x[:m] + 0.1, y=y[:m])
+    base = [f"--model={work}/model.keras", f"--train=npz:{work}/train_*.npz",
+            f"--queries=npz:{work}/queries.npz", "--target_layers=2", "--l2=0.001",
+            "--k=10", "--block_size=1024", f"--fit_sample_size={args.fit_sample_size}"]
+    print(f"n={n}, queries={m}, fit sample {args.fit_sample_size}; one forward+backward over "
+          f"the training set: {t_fb:.2f}s\n")
+    print("| solver | wall s | wall / fwd+bwd | fit s | featurize s | score s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for solver in args.solvers.split(","):
+        r = run_job(work, solver, base + [f"--solver={solver}"])
+        if "error" in r:
+            print(f"| {solver} | error: {r['error']} | | | | | |")
+            continue
+        print(f"| {solver} | {r['wall']:.1f} | {r['wall'] / t_fb:.1f}x | {r['fit']:.1f} | "
+              f"{r['featurize']:.1f} | {r['score']:.1f} | {r['peak_mb']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
