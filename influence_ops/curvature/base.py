@@ -86,6 +86,22 @@ class Curvature:
         """phi of explicit vectors ``(n, d)`` (not necessarily gradients), float64."""
         raise NotImplementedError
 
+    def factor_maps(self, x, y) -> Dict[str, np.ndarray]:
+        """The maps the leave-one-out correction needs (:mod:`influence_ops.loo`): of the
+        per-example gradients (``g_train``, ``g_query`` ``(n, k)``) and of the columns of their
+        Hessian factors (``U_train``, ``U_query`` ``(n, C, k)``), and the factors' ``signs``
+        ``(n, C)``. This default maps the explicit factors ``(n, C, d)`` with
+        :meth:`train_map` / :meth:`query_map`; an eigenbasis fuses the projection."""
+        from influence_ops import loo
+        G, U, S = loo.hessian_factors(self.imodel, x, y, self.batch_size)
+        n, C, d = U.shape
+        flat = U.reshape(n * C, d)
+        return {"g_train": np.asarray(self.train_map(G), np.float64),
+                "g_query": np.asarray(self.query_map(G), np.float64),
+                "U_train": np.asarray(self.train_map(flat), np.float64).reshape(n, C, -1),
+                "U_query": np.asarray(self.query_map(flat), np.float64).reshape(n, C, -1),
+                "signs": S}
+
     def query_map(self, G: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
