@@ -161,9 +161,9 @@ def newton_group_sums(imodel, x, y, group_ids):
 
 
 def query_terms(imodel, query_x, query_y):
-    """``(G (m, d), U (m, C, d) or None, S (m, C) or None)``: query gradients and their loss
-    Hessians' factors (None, with a warning, for heads the factors do not support: the Newton
-    score is then linear in the step)."""
+    """``(G (m, d), J (m, C, d) or None, A (m, C, C) or None)``: query gradients and their
+    loss Hessians' factors ``H_t = J_t^T A_t J_t`` (None, with a warning, for heads the
+    factors do not support: the Newton score is then linear in the step)."""
     from influence_ops import loo
     try:
         return loo.hessian_factors(imodel, query_x, query_y)
@@ -175,14 +175,14 @@ def query_terms(imodel, query_x, query_y):
         return gq, None, None
 
 
-def newton_scores_from_vectors(V: np.ndarray, n_train: int, Gq: np.ndarray, Uq=None, Sq=None
+def newton_scores_from_vectors(V: np.ndarray, n_train: int, Gq: np.ndarray, Jq=None, Aq=None
                                ) -> np.ndarray:
     """``(m, G)`` scores ``g_t . v_U + v_U^T H_t v_U / (2n)`` from the groups' vectors ``V``
-    ``(G, d)`` and the queries' gradients and Hessian factors (``H_t = U_t^T diag(S_t) U_t``)."""
+    ``(G, d)`` and the queries' gradients and Hessian factors (``H_t = J_t^T A_t J_t``)."""
     out = Gq @ V.T
-    if Uq is not None:
-        proj = np.einsum("tcd,gd->tcg", Uq, V)
-        out = out + np.einsum("tc,tcg->tg", Sq, proj ** 2) / (2.0 * n_train)
+    if Jq is not None:
+        proj = np.einsum("tcd,gd->tcg", Jq, V)                  # J_t v_U
+        out = out + np.einsum("tcg,tce,teg->tg", proj, Aq, proj) / (2.0 * n_train)
     return out
 
 

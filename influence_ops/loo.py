@@ -10,29 +10,31 @@ leave-one-out, Rad & Maleki 2018; the infinitesimal jackknife's correction, Gior
 
     corrected(z_i, z_test) = g_test^T (H - H_i / n)^-1 g_i          (H includes l2 and damping)
 
-**Low rank.** With ``z`` the pre-activation of the model's last layer (the logits) and
-``A_i = d^2 l_i / dz^2`` (``C x C``), ``H_i = J_i^T A_i J_i`` with ``J_i = dz_i/dtheta``: exact for
-last-layer targets (z is linear in theta), the Gauss-Newton part of ``H_i`` for deeper ones
-(the network's own second derivative is dropped). Writing ``A_i = R_i S_i R_i^T`` (its
-eigendecomposition, ``S_i = sign`` of the eigenvalues, ``R_i`` scaled by ``|eig|^1/2``) and
-``U_i = J_i^T R_i`` ``(d, C)``, Woodbury gives, per example, one ``C x C`` system::
+**Low rank.** With ``z`` the pre-activation of the model's last layer (the logits, ``C``
+numbers) and ``A_i = d^2 l_i / dz^2`` (``C x C``), ``H_i = J_i^T A_i J_i`` with
+``J_i = dz_i/dtheta``: exact for last-layer targets (z is linear in theta), the Gauss-Newton
+part of ``H_i`` for deeper ones (the network's own second derivative is dropped). Woodbury
+(in the form that needs no inverse or square root of ``A_i``, which is singular for softmax)
+gives, per example, one ``C x C`` system::
 
-    (H - U_i S_i U_i^T / n)^-1 = H^-1 + H^-1 U_i M_i^-1 U_i^T H^-1,   M_i = n S_i - U_i^T H^-1 U_i
+    (H - J_i^T A_i J_i / n)^-1 = H^-1 + H^-1 J_i^T (n I - A_i K_i)^-1 A_i J_i H^-1,
+    K_i = J_i H^-1 J_i^T
 
-so ``v_i = (H - H_i/n)^-1 g_i = H^-1 g_i + H^-1 U_i w_i`` with ``w_i = M_i^-1 U_i^T H^-1 g_i``.
+so ``v_i = (H - H_i/n)^-1 g_i = H^-1 (g_i + J_i^T w_i)`` with
+``w_i = (n I - A_i K_i)^-1 A_i b_i`` and ``b_i = J_i H^-1 g_i``.
 
 **As feature maps.** For any curvature with maps phi/psi (``<psi(a), phi(b)> = a^T H^-1 b``) the
-corrected train feature is ``phi'_i = phi(g_i) + sum_c w_ic phi(u_ic)``, scored against the
-*usual* query features: ``<psi(g_test), phi'_i> = g_test^T v_i``. Self-influence is
-``g_i^T v_i = g_i^T H^-1 g_i + b_i . w_i`` with ``b_i = U_i^T H^-1 g_i``. The columns ``u_ic``
-share the per-layer structure of gradients (``a (outer) signal``), so for an eigenbasis
-(exact, Arnoldi) their projections cost about ``C`` extra rows of the same projection, fused
-in one pass. For a low-rank model (Arnoldi) this is the correction restricted to its kept
-eigenspace: ``(Lambda - B_i S_i B_i^T / n)^-1`` with ``B_i = U^T U_i``.
+corrected train feature is ``phi'_i = phi(g_i + J_i^T w_i)``, scored against the *usual* query
+features: ``<psi(g_test), phi'_i> = g_test^T v_i``. Self-influence is
+``g_i^T v_i = g_i^T H^-1 g_i + b_i . w_i``. The rows of ``J_i`` share the per-layer structure of
+gradients (``a (outer) signal``), so for an eigenbasis (exact, Arnoldi) their projections cost
+``C`` extra signals on the same fused projection, and the whole step runs on the device
+(:func:`eigen_corrected`). For a low-rank model (Arnoldi) this is the correction restricted to
+its kept eigenspace: ``(Lambda - B_i^T A_i B_i / n)^-1`` with ``B_i = J_i E``.
 
-``M_i`` is singular exactly when ``H - H_i/n`` is (the example alone determines some direction
-of theta and there is no L2 / damping on it): leave-one-out is undefined there; those rows
-fall back to a pseudo-inverse and a warning says how many.
+``n I - A_i K_i`` is singular exactly when ``H - H_i/n`` is (the example alone determines some
+direction of theta and there is no L2 / damping on it): leave-one-out is undefined there;
+those rows keep their first-order score (``w_i = 0``) and a warning says how many.
 """
 
 from __future__ import annotations
@@ -119,53 +121,72 @@ def _forward(imodel: InfluenceModel, x):
     return records, z_out, act
 
 
+def _softmax_cross_entropy_on_logits(imodel: InfluenceModel, act) -> bool:
+    """Categorical cross-entropy on logits (no activation after z): ``A = diag(p) - p p^T``."""
+    import keras
+    linear = act is None or act is keras.activations.linear or \
+        getattr(act, "__name__", "") == "linear"
+    return (imodel.label_mode in ("sparse", "onehot") and linear
+            and bool(getattr(imodel._loss_fn, "from_logits", False)))
+
+
 def _signals(imodel: InfluenceModel, x, y):
-    """Per target layer: ``(layer, a, sig)`` with ``sig`` ``(B, 1 + C, *z_l shape)``: row 0 the
-    loss gradient ``dl/dz_l`` (what per-example gradients use), rows 1.. the factor signals
-    ``(dz/dz_l)^T R[:, c]``; and the signs ``(B, C)`` of the output Hessian's eigenvalues."""
-    with tf.GradientTape(persistent=True) as outer:
+    """Per target layer: ``(layer, a, sig, ident)`` with ``sig`` ``(B, 1 + C, *z_l shape)``: row
+    0 the loss gradient ``dl/dz_l`` (what per-example gradients use), rows 1.. the Jacobian
+    signals ``(dz/dz_l)^T e_c`` (``ident``: they are the unit vectors, z_l = z); and ``A``
+    ``(B, C, C)``, the Hessian of the loss in z. The second-order tape runs only when needed
+    (deeper target layers, or a loss whose A is not known in closed form)."""
+    kind, last = _split_last(imodel)
+    last_only = (len(imodel.target_layers) == 1 and imodel.target_layers[0] is last)
+    act_last = getattr(last, "activation", None) if kind != "layer" else last
+    closed_form = _softmax_cross_entropy_on_logits(imodel, act_last if kind != "identity"
+                                                   else None)
+    outer = None if (last_only and closed_form) else tf.GradientTape(persistent=True)
+    if outer is not None:
+        outer.__enter__()
         outer.watch(imodel._tf_vars)
+    try:
         with tf.GradientTape() as inner:
             inner.watch(imodel._tf_vars)
             records, z, act = _forward(imodel, x)
             inner.watch(z)
-            outer.watch(z)
+            if outer is not None:
+                outer.watch(z)
             out = z if act is None else act(z)
             loss = tf.reduce_sum(imodel.per_example_loss(y, out))
         dz = inner.gradient(loss, z)
+    finally:
+        if outer is not None:
+            outer.__exit__(None, None, None)
     b = tf.shape(z)[0]
-    zf_shape = [b, -1]
-    A = outer.batch_jacobian(dz, z)                      # (B, *zs, *zs)
     C = int(np.prod(z.shape[1:]))
-    A = tf.reshape(A, [b, C, C])
-    A = 0.5 * (A + tf.transpose(A, [0, 2, 1]))
-    e, V = tf.linalg.eigh(A)
-    # Round-off negatives of a PSD output Hessian (softmax: the all-ones direction) count as
-    # positive; their columns are ~0 either way.
-    tol = 1e-10 * tf.reduce_max(tf.abs(e), axis=1, keepdims=True)
-    signs = tf.where(e < -tol, -tf.ones_like(e), tf.ones_like(e))
-    R = V * tf.sqrt(tf.abs(e))[:, None, :]               # A = R diag(signs) R^T
-    # Directions in z: the loss gradient first, then the columns of R: (B, 1 + C, C).
-    dirs = tf.concat([tf.reshape(dz, zf_shape)[:, None, :], tf.transpose(R, [0, 2, 1])], axis=1)
+    if closed_form and len(z.shape) == 2:
+        p = tf.nn.softmax(z)                      # the same A as autodiff, without C passes
+        A = tf.linalg.diag(p) - p[:, :, None] * p[:, None, :]
+    else:
+        A = tf.reshape(outer.batch_jacobian(dz, z), [b, C, C])
+        A = 0.5 * (A + tf.transpose(A, [0, 2, 1]))
+    # Directions in z: the loss gradient first, then the unit vectors: (B, 1 + C, C).
+    eye = tf.eye(C, batch_shape=[b], dtype=z.dtype)
+    dirs = tf.concat([tf.reshape(dz, [b, 1, C]), eye], axis=1)
     out_records = []
     for layer, a, zl in records:
+        shape = tf.concat([[b, C + 1], tf.shape(zl)[1:]], axis=0)
         if zl is z:
-            sig = tf.reshape(dirs, tf.concat([[b, C + 1], tf.shape(zl)[1:]], axis=0))
+            sig = tf.reshape(dirs, shape)
         else:
-            J = outer.batch_jacobian(z, zl)              # (B, *zs, *zl shape)
-            J = tf.reshape(J, [b, C, -1])
-            sig = tf.reshape(tf.matmul(dirs, J), tf.concat([[b, C + 1], tf.shape(zl)[1:]],
-                                                           axis=0))
-        out_records.append((layer, a, sig))
-    del outer
-    return out_records, signs
+            J = tf.reshape(outer.batch_jacobian(z, zl), [b, C, -1])   # (B, C, |z_l|)
+            sig = tf.reshape(tf.matmul(dirs, J), shape)
+        # ident: the Jacobian rows are the unit vectors (the last layer's own z).
+        out_records.append((layer, a, sig, zl is z))
+    return out_records, A
 
 
 def _blocks(records):
     """Per-example vectors in theta's order, ``(B, 1 + C, d)``: row 0 the gradient."""
     import keras
     blocks = []
-    for layer, a, sig in records:
+    for layer, a, sig, _ in records:
         b, r = tf.shape(sig)[0], tf.shape(sig)[1]
         if type(layer) is keras.layers.Dense:
             blocks.append(tf.reshape(a[:, None, :, None] * sig[:, :, None, :], [b, r, -1]))
@@ -189,15 +210,19 @@ def _projected(records, P):
     """``_blocks(records) @ P`` ``(B, 1 + C, k)``; Dense layers never form the block."""
     import keras
     acc, off = None, 0
-    for layer, a, sig in records:
+    for layer, a, sig, ident in records:
         ksize = int(np.prod(layer.kernel.shape))
         pk = P[off:off + ksize]
         off += ksize
         b, r, k = tf.shape(sig)[0], tf.shape(sig)[1], tf.shape(P)[1]
-        if type(layer) is keras.layers.Dense:
+        dense = type(layer) is keras.layers.Dense
+        if dense:
             n_in, n_out = layer.kernel.shape
             t = tf.reshape(tf.matmul(a, tf.reshape(pk, [n_in, n_out * k])), [b, n_out, k])
-            term = tf.einsum("bro,bok->brk", sig, t)
+            if ident:  # the Jacobian rows of a last Dense layer project to t itself
+                term = tf.concat([tf.einsum("bo,bok->bk", sig[:, 0], t)[:, None], t], axis=1)
+            else:
+                term = tf.einsum("bro,bok->brk", sig, t)
             bias = sig
         else:
             blk = _blocks([(layer, a, sig)])
@@ -206,8 +231,12 @@ def _projected(records, P):
             bias = tf.reduce_sum(tf.reshape(sig, [b, r, -1, sig.shape[-1]]), axis=2)
         if layer.use_bias:
             nb = layer.bias.shape[0]
-            term = term + tf.einsum("bro,ok->brk", tf.reshape(bias, [b, r, nb]),
-                                    P[off:off + nb])
+            pb = P[off:off + nb]
+            if dense and ident:
+                term = term + tf.concat([tf.matmul(sig[:, 0], pb)[:, None],
+                                         tf.broadcast_to(pb[None], [b, nb, k])], axis=1)
+            else:
+                term = term + tf.einsum("bro,ok->brk", tf.reshape(bias, [b, r, nb]), pb)
             off += nb
         acc = term if acc is None else acc + term
     return acc
@@ -218,15 +247,89 @@ def _factor_fn(imodel: InfluenceModel, projected: bool):
         if projected:
             @tf.function(reduce_retracing=True)
             def fn(x, y, P):
-                records, signs = _signals(imodel, x, y)
-                return _projected(records, P), signs
+                records, A = _signals(imodel, x, y)
+                return _projected(records, P), A
         else:
             @tf.function(reduce_retracing=True)
             def fn(x, y):
-                records, signs = _signals(imodel, x, y)
-                return _blocks(records), signs
+                records, A = _signals(imodel, x, y)
+                return _blocks(records), A
         return fn
     return grads._cached(imodel, "loo_proj" if projected else "loo_full", build)
+
+
+SINGULAR_RTOL = 1e-12
+
+
+def _weights_tf(b, K, A, n):
+    """``w = (n I - A K)^-1 A b`` per row, float64; rows whose system is singular (relative
+    determinant below ``SINGULAR_RTOL``) get ``w = 0`` and a True flag."""
+    C = tf.shape(K)[1]
+    eye = tf.eye(C, batch_shape=[tf.shape(K)[0]], dtype=tf.float64)
+    M = eye - tf.matmul(A, K) / n
+    singular = tf.abs(tf.linalg.det(M)) < SINGULAR_RTOL
+    M = tf.where(singular[:, None, None], eye, M)
+    w = tf.linalg.solve(M, tf.linalg.matvec(A, b)[:, :, None])[:, :, 0] / n
+    return tf.where(singular[:, None], tf.zeros_like(w), w), singular
+
+
+def _eigen_fn(imodel: InfluenceModel):
+    """The whole correction for an eigenbasis ``U diag(lam) U^T`` on device: coordinates of
+    the gradient and of the Jacobian rows (``c_g`` ``(B, k)``, ``c_J`` ``(B, C, k)``) from one
+    fused projection, ``K = c_J diag(1/lam) c_J^T`` and ``b = c_J diag(1/lam) c_g`` in the
+    model's dtype, the ``C x C`` systems for ``w`` in float64, then ``e = c_g + c_J^T w`` (the
+    coordinates of ``g + J^T w``). Only ``(B, k)`` rows leave the device."""
+    def build():
+        @tf.function(reduce_retracing=True)
+        def fn(x, y, P, inv_lam, n):
+            records, A = _signals(imodel, x, y)
+            c = _projected(records, P)
+            cg, cj = c[:, 0], c[:, 1:]
+            cgl = cg * tf.cast(inv_lam, c.dtype)[None, :]
+            b = tf.linalg.matvec(cj, cgl)                                  # (B, C)
+            K = tf.matmul(cj * tf.cast(inv_lam, c.dtype)[None, None, :], cj,
+                          transpose_b=True)                                # (B, C, C)
+            w, singular = _weights_tf(tf.cast(b, tf.float64), tf.cast(K, tf.float64),
+                                      tf.cast(A, tf.float64), n)
+            coords = tf.cast(cg, tf.float64) + tf.cast(
+                tf.linalg.matvec(cj, tf.cast(w, c.dtype), transpose_a=True), tf.float64)
+            self_scores = tf.cast(tf.reduce_sum(cg * cgl, axis=1), tf.float64) + \
+                tf.reduce_sum(tf.cast(b, tf.float64) * w, axis=1)
+            return cg, coords, self_scores, singular
+        return fn
+    return grads._cached(imodel, "loo_eigen", build)
+
+
+def eigen_corrected(imodel: InfluenceModel, x, y, U: np.ndarray, lam: np.ndarray, n: float,
+                    batch_size: int = grads.DEFAULT_BATCH):
+    """For ``(H + damping)^-1 = U diag(1/lam) U^T``: ``(U^T g (N, k), U^T (g + J_i^T w_i)
+    (N, k), corrected self-influence (N,))`` float64; the train features are the second scaled
+    by ``|lam|^-1/2`` (the eigen train map)."""
+    _split_last(imodel)
+    x = grads._cast_x(imodel, x)
+    y = imodel.check_labels(y, len(x))
+    fn = _eigen_fn(imodel)
+    Pt = tf.constant(np.asarray(U, imodel.dtype.as_numpy_dtype))
+    inv_lam = tf.constant(1.0 / np.asarray(lam, np.float64))
+    nt = tf.constant(float(n), tf.float64)
+    k = Pt.shape[1]
+    cg = np.empty((len(x), k))
+    coords = np.empty((len(x), k))
+    selfs = np.empty(len(x))
+    n_singular = 0
+    for s in grads._batches(len(x), batch_size):
+        a, b, c, sing = fn(x[s], y[s], Pt, inv_lam, nt)
+        cg[s], coords[s], selfs[s] = np.asarray(a), np.asarray(b), np.asarray(c)
+        n_singular += int(np.sum(sing))
+    if n_singular:
+        _warn_singular(n_singular, len(x))
+    return cg, coords, selfs
+
+
+def _warn_singular(bad: int, total: int) -> None:
+    log.warning("leave-one-out correction: for %d of %d examples H - H_i/n is singular "
+                "(the example alone determines some direction of theta; add l2 or "
+                "damping); their first-order scores are kept", bad, total)
 
 
 def check_supported(imodel: InfluenceModel) -> None:
@@ -236,109 +339,101 @@ def check_supported(imodel: InfluenceModel) -> None:
 
 def hessian_factors(imodel: InfluenceModel, x, y, batch_size: int = grads.DEFAULT_BATCH
                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(G (n, d), U (n, C, d), S (n, C))``, float64: per-example gradients and factors with
-    ``Hessian(l_i) = U_i^T diag(S_i) U_i`` (rows of ``U_i`` are the columns ``u_ic``)."""
+    """``(G (n, d), J (n, C, d), A (n, C, C))``, float64: per-example gradients, Jacobians of
+    the logits and the loss Hessians in the logits, ``Hessian(l_i) ~ J_i^T A_i J_i`` (exact for
+    last-layer targets)."""
     _split_last(imodel)
     x = grads._cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
     fn = _factor_fn(imodel, projected=False)
-    Gs, Us, Ss = [], [], []
+    Gs, Js, As = [], [], []
     for s in grads._batches(len(x), batch_size):
-        blk, signs = fn(x[s], y[s])
+        blk, A = fn(x[s], y[s])
         blk = np.asarray(blk, np.float64)
         Gs.append(blk[:, 0])
-        Us.append(blk[:, 1:])
-        Ss.append(np.asarray(signs, np.float64))
-    return np.concatenate(Gs), np.concatenate(Us), np.concatenate(Ss)
+        Js.append(blk[:, 1:])
+        As.append(np.asarray(A, np.float64))
+    if not Gs:
+        raise ValueError("no examples")
+    return np.concatenate(Gs), np.concatenate(Js), np.concatenate(As)
 
 
 def projected_factors(imodel: InfluenceModel, x, y, P: np.ndarray,
                       batch_size: int = grads.DEFAULT_BATCH
                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(G P (n, k), U P (n, C, k), S (n, C))`` float64 in one fused pass (``P`` ``(d, k)``)."""
+    """``(G P (n, k), J P (n, C, k), A (n, C, C))`` float64 in one fused pass (``P`` ``(d, k)``)."""
     _split_last(imodel)
     x = grads._cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
     fn = _factor_fn(imodel, projected=True)
     Pt = tf.constant(np.asarray(P, imodel.dtype.as_numpy_dtype))
-    Gs, Us, Ss = [], [], []
+    Gs, Js, As = [], [], []
     for s in grads._batches(len(x), batch_size):
-        blk, signs = fn(x[s], y[s], Pt)
+        blk, A = fn(x[s], y[s], Pt)
         blk = np.asarray(blk, np.float64)
         Gs.append(blk[:, 0])
-        Us.append(blk[:, 1:])
-        Ss.append(np.asarray(signs, np.float64))
-    k = Pt.shape[1]
+        Js.append(blk[:, 1:])
+        As.append(np.asarray(A, np.float64))
     if not Gs:
-        return np.zeros((0, k)), np.zeros((0, 0, k)), np.zeros((0, 0))
-    return np.concatenate(Gs), np.concatenate(Us), np.concatenate(Ss)
+        raise ValueError("no examples")
+    return np.concatenate(Gs), np.concatenate(Js), np.concatenate(As)
 
 
 # ------------------------------------------------------------------ the Woodbury step
-def woodbury_weights(b: np.ndarray, K: np.ndarray, signs: np.ndarray, n: float) -> np.ndarray:
-    """``w_i = (n S_i - K_i)^-1 b_i`` per example: ``b`` ``(N, C)`` = ``U_i^T H^-1 g_i``,
-    ``K`` ``(N, C, C)`` = ``U_i^T H^-1 U_i``, ``signs`` ``(N, C)``. Rows whose system is
-    singular (leave-one-out undefined) use a pseudo-inverse, with a warning."""
+def woodbury_weights(b: np.ndarray, K: np.ndarray, A: np.ndarray, n: float) -> np.ndarray:
+    """``w_i = (n I - A_i K_i)^-1 A_i b_i`` per example: ``b`` ``(N, C)`` = ``J_i H^-1 g_i``,
+    ``K`` ``(N, C, C)`` = ``J_i H^-1 J_i^T``, ``A`` ``(N, C, C)``. Rows whose system is
+    singular (leave-one-out undefined) get ``w = 0`` (first order), with a warning."""
     if len(b) == 0:
         return np.zeros_like(b)
-    K = 0.5 * (K + np.swapaxes(K, 1, 2))
-    M = n * (signs[:, :, None] * np.eye(signs.shape[1])[None]) - K
-    # Relative conditioning per example: a singular M means H - H_i/n is singular.
-    scale = np.maximum(np.abs(M).max(axis=(1, 2)), 1e-300)
-    try:
-        cond_ok = np.linalg.cond(M / scale[:, None, None]) < 1e12
-    except np.linalg.LinAlgError:
-        cond_ok = np.zeros(len(M), bool)
-    w = np.zeros_like(b)
-    if cond_ok.any():
-        w[cond_ok] = np.linalg.solve(M[cond_ok], b[cond_ok][:, :, None])[:, :, 0]
-    bad = ~cond_ok
-    if bad.any():
-        log.warning("leave-one-out correction: for %d of %d examples H - H_i/n is singular "
-                    "(the example alone determines some direction of theta; add l2 or "
-                    "damping); used a pseudo-inverse there", int(bad.sum()), len(b))
-        w[bad] = np.einsum("nij,nj->ni", np.linalg.pinv(M[bad], hermitian=True), b[bad])
+    C = b.shape[1]
+    M = np.eye(C)[None] - np.matmul(A, K) / n
+    singular = np.abs(np.linalg.det(M)) < SINGULAR_RTOL
+    M[singular] = np.eye(C)
+    w = np.linalg.solve(M, np.matmul(A, b[:, :, None]))[:, :, 0] / n
+    w[singular] = 0.0
+    if singular.any():
+        _warn_singular(int(singular.sum()), len(b))
     return w
 
 
-def corrected_from_maps(phi_g: np.ndarray, psi_g: np.ndarray, phi_U: np.ndarray,
-                        psi_U: np.ndarray, signs: np.ndarray, n: float
-                        ) -> Dict[str, np.ndarray]:
+def corrected_from_maps(phi_g: np.ndarray, psi_g: np.ndarray, phi_J: np.ndarray,
+                        psi_J: np.ndarray, A: np.ndarray, n: float) -> Dict[str, np.ndarray]:
     """Corrected features from the curvature's maps of the gradients (``(N, k)``) and of the
-    factor columns (``(N, C, k)``): ``train`` phi' ``(N, k)``, ``self`` ``(N,)``, ``weights``
-    ``w`` ``(N, C)`` and ``first_order_self`` ``(N,)``."""
-    b = np.einsum("nck,nk->nc", psi_U, phi_g)
-    K = np.einsum("nck,njk->ncj", psi_U, phi_U)
-    w = woodbury_weights(b, K, signs, n)
-    train = phi_g + np.einsum("nc,nck->nk", w, phi_U)
+    Jacobian rows (``(N, C, k)``): ``train`` phi' ``(N, k)``, ``self`` ``(N,)``, ``weights``
+    ``w`` ``(N, C)`` and ``first_order_self`` ``(N,)``. (phi is linear, so
+    ``phi(g + J^T w) = phi(g) + w . phi(J)``.)"""
+    b = np.matmul(psi_J, phi_g[:, :, None])[:, :, 0]
+    K = np.matmul(psi_J, np.swapaxes(phi_J, 1, 2))
+    w = woodbury_weights(b, K, A, n)
+    train = phi_g + np.matmul(w[:, None, :], phi_J)[:, 0]
     first = np.sum(psi_g * phi_g, axis=1)
     return {"train": train, "self": first + np.sum(b * w, axis=1), "weights": w,
             "first_order_self": first}
 
 
-def solved_weights(solve, G: np.ndarray, U: np.ndarray, signs: np.ndarray, n: float
+def solved_weights(solve, G: np.ndarray, J: np.ndarray, A: np.ndarray, n: float
                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(w (N, C), b (N, C), H^-1 U (N, C, d))`` with ``solve`` applying ``H^-1`` to rows: the
-    path of curvature models without feature maps (``C`` solves per example)."""
-    N, C, d = U.shape
-    XU = np.asarray(solve(U.reshape(N * C, d)), np.float64).reshape(N, C, d)
-    b = np.einsum("ncd,nd->nc", XU, G)
-    K = np.einsum("ncd,njd->ncj", U, XU)
-    return woodbury_weights(b, K, signs, n), b, XU
+    """``(w (N, C), b (N, C), H^-1 J^T (N, C, d))`` with ``solve`` applying ``H^-1`` to rows:
+    the path of curvature models without feature maps (``C`` solves per example)."""
+    N, C, d = J.shape
+    XJ = np.asarray(solve(J.reshape(N * C, d)), np.float64).reshape(N, C, d)
+    b = np.matmul(XJ, G[:, :, None])[:, :, 0]
+    K = np.matmul(J, np.swapaxes(XJ, 1, 2))
+    return woodbury_weights(b, K, A, n), b, XJ
 
 
-def corrected_solutions(solve, G: np.ndarray, U: np.ndarray, signs: np.ndarray, n: float
+def corrected_solutions(solve, G: np.ndarray, J: np.ndarray, A: np.ndarray, n: float
                         ) -> np.ndarray:
     """``v_i = (H - H_i/n)^-1 g_i`` ``(N, d)`` by Woodbury from ``C + 1`` solves per example."""
-    w, _, XU = solved_weights(solve, G, U, signs, n)
-    return np.asarray(solve(G), np.float64) + np.einsum("nc,ncd->nd", w, XU)
+    w, _, XJ = solved_weights(solve, G, J, A, n)
+    return np.asarray(solve(G), np.float64) + np.matmul(w[:, None, :], XJ)[:, 0]
 
 
-def direct_corrected_solutions(H: np.ndarray, G: np.ndarray, U: np.ndarray, signs: np.ndarray,
+def direct_corrected_solutions(H: np.ndarray, G: np.ndarray, J: np.ndarray, A: np.ndarray,
                                n: float) -> np.ndarray:
-    """Oracle: ``(H - H_i/n)^-1 g_i`` by a direct solve per example (tests; small d)."""
+    """Oracle: ``(H - J_i^T A_i J_i / n)^-1 g_i`` by a direct solve per example (tests)."""
     out = np.empty_like(G, dtype=np.float64)
     for i in range(len(G)):
-        Hi = U[i].T @ (signs[i][:, None] * U[i])
-        out[i] = np.linalg.solve(H - Hi / n, G[i])
+        out[i] = np.linalg.solve(H - J[i].T @ A[i] @ J[i] / n, G[i])
     return out

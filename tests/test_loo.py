@@ -2,9 +2,10 @@
 
 Float64 throughout. Tolerances:
 
-* Hessian factors reproduce each example's explicit Hessian (last-layer targets: exact) and
-  its Gauss-Newton part (deeper targets) to 1e-10 relative: both are the same float64
-  arithmetic in a different order.
+* Hessian factors ``J_i^T A_i J_i`` reproduce each example's explicit Hessian (last-layer
+  targets: exact), and for deeper targets J and A match autodiff's logit Jacobian and the
+  softmax Hessian (the Gauss-Newton part), to 1e-10 relative: the same float64 arithmetic in a
+  different order.
 * The Woodbury update equals a direct solve with ``H - H_i/n`` for every example to 1e-8
   relative (exact curvature; also a low-rank Arnoldi and the EK-FAC model in their own terms,
   and CG / PCG, whose solves stop at a relative residual of 1e-12 here: 1e-6).
@@ -41,24 +42,23 @@ def test_factors_reproduce_per_example_hessians(mlp):
     model, x, y, _, _ = mlp
     # Last layer: z is linear in theta, so J^T A J is the whole per-example Hessian.
     im = InfluenceModel(model, from_logits=True)
-    G, U, S = loo.hessian_factors(im, x, y)
-    assert U.shape == (len(x), 3, im.n_params)
+    G, J, A = loo.hessian_factors(im, x, y)
+    assert J.shape == (len(x), 3, im.n_params) and A.shape == (len(x), 3, 3)
     np.testing.assert_allclose(G, grads.per_example_gradients(im, x, y), atol=1e-12)
     for i in range(len(x)):
         Hi = grads.hessian_sum(im, x[i:i + 1], y[i:i + 1])
-        assert rel(U[i].T @ (S[i][:, None] * U[i]), Hi) < 1e-10
+        assert rel(J[i].T @ A[i] @ J[i], Hi) < 1e-10
     # Both layers: the Gauss-Newton part J^T A J, with J = dz/dtheta from autodiff.
     im2 = InfluenceModel(model, from_logits=True, target_layers=2)
-    G2, U2, S2 = loo.hessian_factors(im2, x[:6], y[:6])
+    G2, J2, A2 = loo.hessian_factors(im2, x[:6], y[:6])
     for i in range(6):
         with tf.GradientTape() as tape:
             z = model(x[i:i + 1], training=False)[0]
-        J = tape.jacobian(z, im2._tf_vars)
-        J = np.concatenate([np.reshape(j.numpy(), (3, -1)) for j in J], axis=1)
+        Jz = tape.jacobian(z, im2._tf_vars)
+        Jz = np.concatenate([np.reshape(j.numpy(), (3, -1)) for j in Jz], axis=1)
         p = np.exp(z.numpy() - z.numpy().max())
         p /= p.sum()
-        ggn = J.T @ (np.diag(p) - np.outer(p, p)) @ J
-        assert rel(U2[i].T @ (S2[i][:, None] * U2[i]), ggn) < 1e-10
+        assert rel(J2[i], Jz) < 1e-10 and rel(A2[i], np.diag(p) - np.outer(p, p)) < 1e-10
 
 
 @pytest.mark.parametrize("kind", ["logistic", "mlp"])
@@ -74,14 +74,14 @@ def test_woodbury_equals_direct_inverse_for_every_example(kind, mlp):
         im = InfluenceModel(model, from_logits=True, l2=0.01)
     n = len(x)
     calc = InfluenceCalculator(im, solver="exact", correction="loo").fit((x, y))
-    G, U, S = loo.hessian_factors(im, x, y)
+    G, J, A = loo.hessian_factors(im, x, y)
     H = grads.explicit_hessian(im, x, y)
-    V = loo.direct_corrected_solutions(H, G, U, S, n)          # (H - H_i/n)^-1 g_i
+    V = loo.direct_corrected_solutions(H, G, J, A, n)          # (H - H_i/n)^-1 g_i
     gq = grads.per_example_gradients(im, xq, yq)
     assert rel(calc.influence((xq, yq), (x, y)), gq @ V.T) < 1e-8
     assert rel(calc.self_influence((x, y)), np.sum(G * V, axis=1)) < 1e-8
     assert rel(calc.influence_vectors((x, y)), -V) < 1e-8
-    assert rel(loo.corrected_solutions(lambda B: np.linalg.solve(H, B.T).T, G, U, S, n), V) \
+    assert rel(loo.corrected_solutions(lambda B: np.linalg.solve(H, B.T).T, G, J, A, n), V) \
         < 1e-8
     # First order is the same call without the correction; it differs from the corrected one.
     first = calc.influence((xq, yq), (x, y), correction="none")
@@ -97,7 +97,7 @@ def test_low_rank_and_kronecker_correct_in_their_own_terms(mlp):
     model, x, y, xq, yq = mlp
     im = InfluenceModel(model, from_logits=True, l2=0.01)
     n = len(x)
-    G, U, S = loo.hessian_factors(im, x, y)
+    G, J, A = loo.hessian_factors(im, x, y)
     gq = grads.per_example_gradients(im, xq, yq)
     # Arnoldi rank r: the correction restricted to its eigenspace,
     # g_t^T E (Lambda - E^T H_i E / n)^-1 E^T g_i.
@@ -106,13 +106,13 @@ def test_low_rank_and_kronecker_correct_in_their_own_terms(mlp):
     E, lam = calc.method.curvature.eigen.U, calc.method.curvature.eigen.lam
     ref = np.empty((len(xq), n))
     for i in range(n):
-        Hi = E.T @ U[i].T @ (S[i][:, None] * U[i]) @ E
+        Hi = E.T @ J[i].T @ A[i] @ J[i] @ E
         ref[:, i] = (gq @ E) @ np.linalg.solve(np.diag(lam) - Hi / n, E.T @ G[i])
     assert rel(calc.influence((xq, yq), (x, y)), ref) < 1e-8
     # EK-FAC: (H_ekfac - H_i/n)^-1 with its explicit operator.
     calc = InfluenceCalculator(im, solver="ekfac", correction="loo").fit((x, y))
     Hk = calc.method.curvature.model.to_dense()
-    V = loo.direct_corrected_solutions(Hk, G, U, S, n)
+    V = loo.direct_corrected_solutions(Hk, G, J, A, n)
     assert rel(calc.influence((xq, yq), (x, y)), gq @ V.T) < 1e-8
     assert rel(calc.self_influence((x, y)), np.sum(G * V, axis=1)) < 1e-8
 
@@ -124,8 +124,8 @@ def test_unfactored_solvers_solve_the_factors(solver, mlp):
     n = len(x)
     calc = InfluenceCalculator(im, solver=solver, cg_tol=1e-12, cg_max_iter=200, rank=4,
                                arnoldi_iter=10, correction="loo").fit((x, y))
-    G, U, S = loo.hessian_factors(im, x, y)
-    V = loo.direct_corrected_solutions(grads.explicit_hessian(im, x, y), G, U, S, n)
+    G, J, A = loo.hessian_factors(im, x, y)
+    V = loo.direct_corrected_solutions(grads.explicit_hessian(im, x, y), G, J, A, n)
     gq = grads.per_example_gradients(im, xq, yq)
     assert rel(calc.influence((xq, yq), (x, y)), gq @ V.T) < 1e-6
     if solver == "cg":  # pcg's self-influence comes from its (approximate) preconditioner
@@ -289,3 +289,29 @@ def test_corrected_self_influence_finds_flipped_labels():
           f"corrected {recall['loo']:.1%}")
     assert recall["loo"] >= recall["none"] - 1.0 / flipped.sum() - 1e-12
     assert recall["loo"] >= 0.85
+
+
+def test_singular_leave_one_out_keeps_first_order(caplog):
+    """No L2 and a feature only example 0 has: H - H_0/n is singular along it (removing example
+    0 leaves that weight undetermined). That row keeps its first-order score, with a warning;
+    the others are corrected as usual."""
+    x, y, xq, yq = helpers.logistic_data(n=40, p=3, seed=4)
+    x = np.concatenate([x, np.zeros((40, 1))], axis=1)
+    x[0, 3] = 1.0
+    xq = np.concatenate([xq, np.full((len(xq), 1), 0.5)], axis=1)
+    model = helpers.logistic_model(4)
+    im = InfluenceModel(model, loss="binary_crossentropy", from_logits=True)
+    im.set_flat_params(np.r_[helpers.newton_logistic(x[:, :3], y, 0.01)[:3], 0.3,
+                             helpers.newton_logistic(x[:, :3], y, 0.01)[3]])
+    calc = InfluenceCalculator(im, solver="exact").fit((x, y))
+    first = calc.influence((xq, yq), (x, y))
+    with caplog.at_level("WARNING"):
+        corr = calc.influence((xq, yq), (x, y), correction="loo")
+        corr_self = calc.self_influence((x, y), correction="loo")
+    assert "singular" in caplog.text
+    np.testing.assert_allclose(corr[:, 0], first[:, 0], rtol=1e-10)
+    assert np.all(np.isfinite(corr)) and np.all(np.isfinite(corr_self))
+    G, J, A = loo.hessian_factors(im, x, y)
+    V = loo.direct_corrected_solutions(grads.explicit_hessian(im, x, y), G[1:], J[1:], A[1:],
+                                       len(x))
+    assert rel(corr[:, 1:], grads.per_example_gradients(im, xq, yq) @ V.T) < 1e-8

@@ -164,28 +164,12 @@ class FirstOrderInfluence(InfluenceMethod):
 
     def _loo_factored_maps(self, curvature, x, y):
         """Leave-one-out-corrected maps of a factored curvature: ``train`` phi' (scored
-        against the usual query features), ``query`` psi(g) and ``self`` ``g^T v``, in chunks
-        of ``batch_size`` rows (the factors are ``(rows, C, k)``)."""
-        n = self._loo_n()
-        x = np.asarray(x)
-        y = self.imodel.check_labels(y, len(x))
-        parts = {"train": [], "query": [], "self": []}
-        for start in range(0, len(x), self.batch_size):
-            s = slice(start, start + self.batch_size)
-            maps = curvature.factor_maps(x[s], y[s])
-            out = loo.corrected_from_maps(maps["g_train"], maps["g_query"], maps["U_train"],
-                                          maps["U_query"], maps["signs"], n)
-            parts["train"].append(out["train"])
-            parts["query"].append(maps["g_query"])
-            parts["self"].append(out["self"])
-        if not len(x):
-            k = curvature.feature_dim
-            return {"train": np.zeros((0, k)), "query": np.zeros((0, k)), "self": np.zeros(0)}
-        return {key: np.concatenate(v) for key, v in parts.items()}
+        against the usual query features), ``query`` psi(g) and ``self`` ``g^T v``."""
+        return curvature.loo_maps(x, y, self._loo_n())
 
     def _solved_maps_loo(self, x, y, want_self: bool):
-        """Unfactored curvature, corrected: ``phi'_i = Q (g_i + U_i w_i)`` (C solves per
-        example for ``H^-1 U_i``); self-influence from the curvature's factored approximation
+        """Unfactored curvature, corrected: ``phi'_i = Q (g_i + J_i^T w_i)`` (C solves per
+        example for ``H^-1 J_i^T``); self-influence from the curvature's factored approximation
         (corrected in its terms) when it has one, else one more solve per example."""
         n = self._loo_n()
         approx = self.curvature.self_curvature
@@ -198,10 +182,10 @@ class FirstOrderInfluence(InfluenceMethod):
             phis, selfs = [], []
             for start in range(0, len(x), self.batch_size):
                 s = slice(start, start + self.batch_size)
-                G, U, S = loo.hessian_factors(self.imodel, x[s], y[s], self.batch_size)
-                w, b, _ = loo.solved_weights(self.solve, G, U, S, n)
+                G, J, A = loo.hessian_factors(self.imodel, x[s], y[s], self.batch_size)
+                w, b, _ = loo.solved_weights(self.solve, G, J, A, n)
                 if self.Q is not None:
-                    phis.append((G + np.einsum("nc,ncd->nd", w, U)) @ self.Q.T)
+                    phis.append((G + np.matmul(w[:, None, :], J)[:, 0]) @ self.Q.T)
                 if exact_self:
                     selfs.append(np.sum(G * self.solve(G), axis=1) + np.sum(b * w, axis=1))
             if self.Q is not None:
@@ -309,8 +293,8 @@ class FirstOrderInfluence(InfluenceMethod):
         if self.correction == "loo":
             # -(H - H_i/n)^-1 g_i: removing the example moves theta by about -vector / n
             # (one Newton step on the leave-one-out objective).
-            G, U, S = loo.hessian_factors(self.imodel, x, y, self.batch_size)
-            return -loo.corrected_solutions(self.solve, G, U, S, self._loo_n())
+            G, J, A = loo.hessian_factors(self.imodel, x, y, self.batch_size)
+            return -loo.corrected_solutions(self.solve, G, J, A, self._loo_n())
         g = grads.per_example_gradients(self.imodel, x, y, self.batch_size).astype(np.float64)
         return -self.solve(g)
 
