@@ -20,6 +20,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple, Union
 
+import numpy as np
+
 GROUPS = ("model", "data", "method", "output")
 
 
@@ -75,6 +77,18 @@ def _target_layers(value):
     if isinstance(value, str):
         return int(value) if value.strip().isdigit() else _csv(value)
     return tuple(value)
+
+
+GROUP_ORDERS = (1, 2, "newton")
+
+
+def _group_order(value):
+    """``1``, ``2`` (ints, also from text) or ``"newton"``; anything else is left for
+    validation to reject."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    v = str(value).strip().lower()
+    return int(v) if v.isdigit() else v
 
 
 def _from_logits(value):
@@ -184,6 +198,11 @@ class InfluenceConfig:
         "method", "RPS-L2: L2 of the surrogate", parse=float))
     lje_step: float = field(default=1e-4, metadata=_opt(
         "method", "RPS-LJE: ascent step size", parse=float))
+    correction: str = field(default="none", metadata=_opt(
+        "method", "influence: per-example scores corrected for leave-one-out: loo = "
+                  "g_test^T (H - H_i/n)^-1 g_i, the example's own Hessian taken out of H "
+                  "(one C x C Woodbury system per example, C = model outputs); none = first "
+                  "order", choices=("none", "loo")))
     fit_sample_size: int = field(default=50000, metadata=_opt(
         "method", "examples the fit (reduce) step gathers on one worker (a deterministic "
                   "sample by id hash); 0 = all of them. The exact solver always sums the "
@@ -201,8 +220,10 @@ class InfluenceConfig:
         "output", "replace an existing result at --output (otherwise refuse)", flag=True))
     k: int = field(default=10, metadata=_opt(
         "output", "proponents and opponents per query", parse=int))
-    group_order: int = field(default=1, metadata=_opt(
-        "output", "group influence order when --group_key is set", parse=int, choices=(1, 2)))
+    group_order: Union[int, str] = field(default=1, metadata=_opt(
+        "output", "group influence order when --group_key is set (newton: one Newton step on "
+                  "the objective without the group; explicit d x d Hessians per group, modest "
+                  "d)", parse=_group_order, choices=GROUP_ORDERS))
     write_pairwise: bool = field(default=False, metadata=_opt(
         "output", "also write every (query, train) score (small problems only)", flag=True))
     write_features: bool = field(default=False, metadata=_opt(
@@ -220,6 +241,7 @@ class InfluenceConfig:
         set_("checkpoints", _csv(self.checkpoints))
         set_("learning_rates", tuple(float(v) for v in _csv(self.learning_rates)))
         set_("plugins", _csv(self.plugins))
+        set_("group_order", _group_order(self.group_order))
         set_("solver", self.solver or None)
         for f in dataclasses.fields(self):
             parse = f.metadata.get("parse")
@@ -274,12 +296,23 @@ class InfluenceConfig:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError("--max_bad_fraction must lie in [0, 1]")
-        if self.group_order not in (1, 2):
-            raise ConfigError("--group_order must be 1 or 2")
+        if self.group_order not in GROUP_ORDERS:
+            raise ConfigError("--group_order must be 1, 2 or newton")
         if self.group_key and self.group_order == 2 and not method_cls.second_order_groups:
             raise ConfigError(
                 "--group_order=2 (second-order group influence) needs an influence-function "
                 f"method (--method=influence or relatif), not {self.method}")
+        if self.correction not in ("none", "loo"):
+            raise ConfigError("--correction must be none or loo")
+        if self.correction != "none" and not getattr(method_cls, "loo_correction", False):
+            raise ConfigError(
+                f"--correction={self.correction} (leave-one-out-corrected influence) is defined "
+                f"for --method=influence, not {self.method}")
+        if self.correction != "none" and self.group_key and self.group_order == 1:
+            raise ConfigError(
+                "--correction=loo corrects each example's train features; summed per group "
+                "they do not predict removing the group: use --group_order=newton (the group's "
+                "own curvature taken out of H) or run groups without --correction")
         method_cls.validate_config(self)
         return self
 

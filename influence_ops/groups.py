@@ -12,6 +12,33 @@ library's second-order calculator), on the scale of our first-order scores (time
     score = g_test^T v_U
 
 As p -> 0 this reduces to the first-order group score.
+
+**Newton** (``order="newton"``): one Newton step from the fitted weights on the objective that
+retraining without the group minimises, the mean over the ``n - m`` remaining rows
+(``m = |U|``) plus the regulariser ``1/2 theta^T Lambda theta`` (``Lambda = diag(l2_vector)``):
+
+    L_U(theta) = 1/(n - m) sum_{j not in U} l_j(theta) + 1/2 theta^T Lambda theta
+
+At the fitted ``theta`` (``mean_i g_i + Lambda theta = 0``) its gradient is
+``-(g_U + m Lambda theta) / (n - m)`` and its Hessian
+``H_U' = (H_sum - H_U) / (n - m) + Lambda + damping I`` (``H_sum`` the sum of all per-example
+Hessians, ``H_U`` the group's), so the step is
+``delta_U = H_U'^-1 (g_U + m Lambda theta) / (n - m)``. A group of 5-20% of the data moves theta
+far enough that the test loss's own curvature matters, so the predicted change of the test
+loss is taken to second order along the step (``H_test`` the query's loss Hessian: exact for
+last-layer targets, its Gauss-Newton part otherwise, :mod:`influence_ops.loo`), on the scale of
+the other orders (``score / n`` ~ change of the test loss)::
+
+    v_U   = n delta_U = n/(n - m) * H_U'^-1 (g_U + m Lambda theta)
+    score = g_test^T v_U + v_U^T H_test v_U / (2 n)
+
+It takes the group's own curvature out of H exactly (no expansion in ``p``), which is what large
+or coherent groups need (second order underestimates coherent groups): on an L2 logistic
+regression against real refits without each group (``tests/test_loo.py``) it reaches Pearson
+0.999 with slope ~1 where orders 1 and 2 overestimate coherent groups. Cost: the explicit
+``d x d`` Hessian sum of every group (``O(n d^2)`` over the training set; the total is the sum of
+the groups') and one ``d x d`` solve per group (``O(G d^3)``): modest d (the last layer), any
+curvature model (it does not use the fitted one).
 """
 
 from __future__ import annotations
@@ -96,3 +123,77 @@ def second_order_group_scores(method, imodel, query_x, query_y, train_x, train_y
     V = np.stack([second_order_vector(method, imodel, train_x[group_ids == g],
                                       train_y[group_ids == g], len(train_x)) for g in uniq])
     return uniq, gq @ V.T
+
+
+def newton_group_vector(hessian_total: np.ndarray, n_train: int, hessian_group: np.ndarray,
+                        grad_group: np.ndarray, size: int, l2_vector: np.ndarray,
+                        theta: np.ndarray, damping: float = 0.0) -> np.ndarray:
+    """``v_U = n/(n - m) H_U'^-1 (g_U + m Lambda theta)`` ``(d,)`` (module docstring) from the
+    sums of per-example Hessians over all rows (``hessian_total``) and over the group's
+    (``hessian_group``), the group's gradient sum and size. The one place the Newton group
+    formula lives (the pipeline's stage calls it)."""
+    n, m = int(n_train), int(size)
+    if m >= n:
+        raise ValueError(f"a group of {m} holds the whole training set: removing it leaves "
+                         "no objective (Newton group influence is undefined for it)")
+    d = len(grad_group)
+    lam = np.asarray(l2_vector, np.float64)
+    h = (np.asarray(hessian_total, np.float64) - np.asarray(hessian_group, np.float64)) / (n - m)
+    h = 0.5 * (h + h.T)
+    h[np.diag_indices(d)] += lam + float(damping)
+    rhs = np.asarray(grad_group, np.float64) + m * lam * np.asarray(theta, np.float64)
+    return n / (n - m) * np.linalg.solve(h, rhs)
+
+
+def newton_group_sums(imodel, x, y, group_ids):
+    """Per group ``(unique ids, gradient sums (G, d), Hessian sums (G, d, d), counts (G,))``."""
+    x, y, group_ids = np.asarray(x), np.asarray(y), np.asarray(group_ids)
+    uniq, inv = np.unique(group_ids, return_inverse=True)
+    g = grads.per_example_gradients(imodel, x, y).astype(np.float64)
+    d = imodel.n_params
+    gs = np.zeros((len(uniq), d))
+    hs = np.zeros((len(uniq), d, d))
+    for j in range(len(uniq)):
+        rows = inv == j
+        gs[j] = g[rows].sum(axis=0)
+        hs[j] = grads.hessian_sum(imodel, x[rows], y[rows])
+    return uniq, gs, hs, np.bincount(inv, minlength=len(uniq))
+
+
+def query_terms(imodel, query_x, query_y):
+    """``(G (m, d), J (m, C, d) or None, A (m, C, C) or None)``: query gradients and their
+    loss Hessians' factors ``H_t = J_t^T A_t J_t`` (None, with a warning, for heads the
+    factors do not support: the Newton score is then linear in the step)."""
+    from influence_ops import loo
+    try:
+        return loo.hessian_factors(imodel, query_x, query_y)
+    except loo.LooUnsupportedError as e:
+        import logging
+        logging.getLogger(__name__).warning("Newton group influence: no query Hessian factors "
+                                            "(%s); the test loss is linearised", e)
+        gq = grads.per_example_gradients(imodel, query_x, query_y).astype(np.float64)
+        return gq, None, None
+
+
+def newton_scores_from_vectors(V: np.ndarray, n_train: int, Gq: np.ndarray, Jq=None, Aq=None
+                               ) -> np.ndarray:
+    """``(m, G)`` scores ``g_t . v_U + v_U^T H_t v_U / (2n)`` from the groups' vectors ``V``
+    ``(G, d)`` and the queries' gradients and Hessian factors (``H_t = J_t^T A_t J_t``)."""
+    out = Gq @ V.T
+    if Jq is not None:
+        proj = np.einsum("tcd,gd->tcg", Jq, V)                  # J_t v_U
+        out = out + np.einsum("tcg,tce,teg->tg", proj, Aq, proj) / (2.0 * n_train)
+    return out
+
+
+def newton_group_scores(imodel, query_x, query_y, train_x, train_y, group_ids,
+                        damping: float = 0.0):
+    """``(groups, scores (m, G))`` of Newton group influence (module docstring); every
+    training row belongs to a group, n = len(train_x)."""
+    uniq, gs, hs, counts = newton_group_sums(imodel, train_x, train_y, group_ids)
+    total = hs.sum(axis=0)
+    theta = imodel.get_flat_params().astype(np.float64)
+    n = len(np.asarray(train_x))
+    V = np.stack([newton_group_vector(total, n, hs[j], gs[j], counts[j], imodel.l2_vector,
+                                      theta, damping) for j in range(len(uniq))])
+    return uniq, newton_scores_from_vectors(V, n, *query_terms(imodel, query_x, query_y))

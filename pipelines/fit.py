@@ -79,6 +79,7 @@ class _FitDoFn(ModelDoFn):
             log.info("fit: %s from its combiner over all training blocks", self.config.method)
             method.fit_from_combined(data)
         else:
+            data, total = data
             sample = final_sample(data, self.config.fit_sample_size, self.config.seed)
             log.info("fit: %s on a sample of %d examples", self.config.method, len(sample))
             y = imodel.normalize_labels(sample.y)
@@ -88,6 +89,10 @@ class _FitDoFn(ModelDoFn):
                 method.fit(sample.x, y, q.x, imodel.normalize_labels(q.y), q.ids)
             else:
                 method.fit(sample.x, y)
+            if getattr(method, "n_train", None) is not None:
+                # The training-set size of the objective (the leave-one-out correction's n),
+                # not the sample's.
+                method.n_train = int(total)
         sec = time.time() - t0
         artifacts.save_method(method, self.config, self.artifact_dir,
                               extra={"fit_seconds": round(sec, 3)})
@@ -138,7 +143,8 @@ class FitMethod(beam.PTransform):
                        | "Sample" >> beam.ParDo(_SampleRows(config.fit_sample_size, config.seed),
                                                 beam.pvalue.AsSingleton(total))
                        | "Gather" >> beam.combiners.ToList()
-                       | "Tag" >> beam.Map(lambda bs: ("sample", bs)))
+                       | "Tag" >> beam.Map(lambda bs, n: ("sample", (bs, n)),
+                                         beam.pvalue.AsSingleton(total)))
         queries = self.queries if self.queries is not None else (
             blocks.pipeline | "NoQueries" >> beam.Create([]))
         return payload | "Fit" >> beam.ParDo(_FitDoFn(config, self.artifact_dir),

@@ -135,6 +135,9 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
             tables["group_self"] = g_self
             written["group_self"] = _write(g_self, out, "group_self",
                                            schemas.GROUP_SELF_SCHEMA)
+        elif opts.group_order == "newton":
+            from pipelines.group_newton import NewtonGroups
+            g_scores = train | "NewtonGroups" >> NewtonGroups(config, artifact, queries)
         else:
             n_train = _total(train, "TrainForGroups")
             g_scores = train | "SecondOrderGroups" >> groups.SecondOrderGroups(

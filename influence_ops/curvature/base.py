@@ -86,6 +86,44 @@ class Curvature:
         """phi of explicit vectors ``(n, d)`` (not necessarily gradients), float64."""
         raise NotImplementedError
 
+    def loo_maps(self, x, y, n: float) -> Dict[str, np.ndarray]:
+        """Leave-one-out-corrected maps (:mod:`influence_ops.loo`) of a block: ``train``
+        (phi' with ``<psi(g_test), phi'_i> = g_test^T (H - H_i/n)^-1 g_i`` in this model's
+        terms), ``query`` (psi of the block's own gradients) and ``self`` ``(n,)``. This
+        default runs the Woodbury step on :meth:`factor_maps` in chunks of ``batch_size``."""
+        from influence_ops import loo
+        x = np.asarray(x)
+        y = self.imodel.check_labels(y, len(x))
+        parts = {"train": [], "query": [], "self": []}
+        for start in range(0, len(x), self.batch_size):
+            s = slice(start, start + self.batch_size)
+            maps = self.factor_maps(x[s], y[s])
+            out = loo.corrected_from_maps(maps["g_train"], maps["g_query"], maps["J_train"],
+                                          maps["J_query"], maps["A"], n)
+            parts["train"].append(out["train"])
+            parts["query"].append(maps["g_query"])
+            parts["self"].append(out["self"])
+        if not len(x):
+            k = self.feature_dim
+            return {"train": np.zeros((0, k)), "query": np.zeros((0, k)), "self": np.zeros(0)}
+        return {key: np.concatenate(v) for key, v in parts.items()}
+
+    def factor_maps(self, x, y) -> Dict[str, np.ndarray]:
+        """The maps the leave-one-out correction needs (:mod:`influence_ops.loo`): of the
+        per-example gradients (``g_train``, ``g_query`` ``(n, k)``) and of the rows of the
+        logits' Jacobians (``J_train``, ``J_query`` ``(n, C, k)``), and the loss Hessians in
+        the logits ``A`` ``(n, C, C)``. This default maps the explicit ``(n, C, d)`` Jacobians
+        with :meth:`train_map` / :meth:`query_map`."""
+        from influence_ops import loo
+        G, J, A = loo.hessian_factors(self.imodel, x, y, self.batch_size)
+        n, C, d = J.shape
+        flat = J.reshape(n * C, d)
+        return {"g_train": np.asarray(self.train_map(G), np.float64),
+                "g_query": np.asarray(self.query_map(G), np.float64),
+                "J_train": np.asarray(self.train_map(flat), np.float64).reshape(n, C, -1),
+                "J_query": np.asarray(self.query_map(flat), np.float64).reshape(n, C, -1),
+                "A": A}
+
     def query_map(self, G: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 

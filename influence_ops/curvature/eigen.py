@@ -54,6 +54,27 @@ class EigenCurvature(Curvature):
             out["inverse_norms"] = self.eigen.inverse_norms_from_coordinates(c)
         return out
 
+    def loo_maps(self, x, y, n):
+        """The fused on-device correction (:func:`influence_ops.loo.eigen_corrected`)."""
+        from influence_ops import loo
+        self._check_fitted()
+        e = self.eigen
+        cg, coords, self_scores = loo.eigen_corrected(self.imodel, x, y, e.U, e.lam, n,
+                                                      self.batch_size)
+        return {"train": e.train_map_from_coordinates(coords),
+                "query": e.query_map_from_coordinates(cg), "self": self_scores}
+
+    def factor_maps(self, x, y):
+        """Gradients and logit Jacobians projected on the eigenbasis in one fused pass."""
+        from influence_ops import loo
+        self._check_fitted()
+        cg, cj, A = loo.projected_factors(self.imodel, x, y, self.eigen.U, self.batch_size)
+        e = self.eigen
+        return {"g_train": e.train_map_from_coordinates(cg),
+                "g_query": e.query_map_from_coordinates(cg),
+                "J_train": e.train_map_from_coordinates(cj),
+                "J_query": e.query_map_from_coordinates(cj), "A": A}
+
     def query_maps(self, x, y):
         self._check_fitted()
         return grads.projected_gradients(self.imodel, x, y, self.eigen.projection("query"),
@@ -111,6 +132,7 @@ class ExactCurvature(EigenCurvature):
         h = np.asarray(hessian_sum, np.float64) / max(n, 1)
         h = 0.5 * (h + h.T) + np.diag(self.imodel.l2_vector)
         self.eigen = solvers.exact_inverse(h, self.damping, self.negative)
+        self.n_fit = int(n)
         self.fitted = True
         return self
 
