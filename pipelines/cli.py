@@ -18,6 +18,7 @@ import traceback
 import zipfile
 
 from pipelines import run as run_lib
+from pipelines.redact import redact_text
 
 log = logging.getLogger("beam-influence")
 PROG = "beam-influence"
@@ -33,14 +34,14 @@ class QuietBeamErrors(logging.Filter):
 
 
 class RedactingFilter(logging.Filter):
-    """Replaces credentials in a log record's message (``run.redact_text``)."""
+    """Replaces credentials in a log record's message (``pipelines.redact``)."""
 
     def filter(self, record):
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a record that cannot format is left as it is
             return True
-        clean = run_lib.redact_text(message)
+        clean = redact_text(message)
         if clean != message:
             record.msg, record.args = clean, None
         return True
@@ -105,7 +106,7 @@ def describe(e: BaseException):
     if not isinstance(e, (run_lib.RunError, ConfigError, SourceError, InfluenceModelError,
                           ArtifactError)):
         text = f"{type(e).__name__}: {text}"
-    lines = [run_lib.redact_text(text) + (f" [step {step}]" if step else "")]
+    lines = [redact_text(text) + (f" [step {step}]" if step else "")]
     if not known:
         lines.append("an unexpected error; run again with --verbose for the traceback")
     return (EXIT_KNOWN if known else EXIT_UNEXPECTED), lines
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
         status, lines = describe(e)
         if verbose:
             trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-            print(run_lib.redact_text(trace), file=sys.stderr, end="")
+            print(redact_text(trace), file=sys.stderr, end="")
         for i, line in enumerate(lines):
             print(f"{PROG}: {'error: ' if i == 0 else ''}{line}", file=sys.stderr)
         return status

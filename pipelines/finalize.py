@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import zlib
 from typing import List, Optional
@@ -326,6 +325,9 @@ def finalize(facts, output: str, run_options: dict, max_bad_fraction: float, met
     if art is None:
         problems.append("no fitted artifact")
     art_manifest = artifacts.read_manifest(art) if art else {}
+    if art_manifest.get("options"):
+        from pipelines.redact import scrub_options
+        art_manifest = dict(art_manifest, options=scrub_options(art_manifest["options"]))
     manifest = {
         "method": method,
         "solver": solver,

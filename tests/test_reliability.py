@@ -379,6 +379,25 @@ def test_an_unexpected_error_is_two_lines_and_status_1(inp, tmp_path, capsys, mo
     assert "KeyError" in lines[0] and "--verbose" in lines[1]
 
 
+@pytest.mark.parametrize("make,status,fragment", [
+    (lambda: __import__("apache_beam.io.filesystem", fromlist=["BeamIOError"]).BeamIOError(
+        "Delete operation failed", {"/out/topk": OSError(30, "Read-only file system")}),
+     2, "BeamIOError: Delete operation failed"),
+    (lambda: zipfile.BadZipFile("File is not a zip file"), 2, "BadZipFile: File is not a zip"),
+    (lambda: OSError(28, "No space left on device", "/out/topk/part-0.parquet"), 2,
+     "OSError: No space left on device: /out/topk/part-0.parquet"),
+    (lambda: ValueError("in user code:\n\n    File \"/x.py\", line 3, in fn\n        "
+                        "return f(x)\n\n    ValueError: Input 0 of layer 'hidden' is "
+                        "incompatible with the layer [while running 'FitMethod/Fit']"),
+     2, "Input 0 of layer 'hidden' is incompatible"),
+])
+def test_every_exception_becomes_one_line(make, status, fragment):
+    from pipelines.cli import describe
+    code, lines = describe(make())
+    assert code == status and len(lines) == 1 and fragment in lines[0], lines
+    assert "\n" not in lines[0] and "in user code" not in lines[0]
+
+
 def test_help_lists_the_job_options(capsys):
     from pipelines import cli as cli_lib
     assert cli_lib.main(["--help"]) == 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from influence_ops.config import InfluenceConfig
-from pipelines import run as run_lib
+from pipelines import redact
 from tests.reliability_helpers import base_args, make_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,14 +91,14 @@ def test_lambda_model_needs_the_unsafe_flag(tmp_path):
     ("key AKIAABCDEFGHIJKLMNOP in use", "AKIAABCDEFGHIJKLMNOP"),
 ])
 def test_redact_text(text, secret):
-    assert secret not in run_lib.redact_text(text)
-    assert "<redacted>" in run_lib.redact_text(text)
+    assert secret not in redact.redact_text(text)
+    assert "<redacted>" in redact.redact_text(text)
 
 
 def test_ordinary_option_values_are_kept():
     opts = {"model": "gs://b/model.keras", "train": "npz:/data/train.npz", "k": 10,
             "id_key": "uid", "s3_access_key_id": None, "overwrite": False}
-    assert run_lib.scrub_options(opts) == opts
+    assert redact.scrub_options(opts) == opts
 
 
 def test_credentials_never_reach_the_manifest_or_the_logs(tmp_path, capsys, caplog):
