@@ -55,6 +55,9 @@ def build_imodel(config: InfluenceConfig, model=None) -> InfluenceModel:
     model = config.model if model is None else model
     if isinstance(model, InfluenceModel):
         return model
+    if isinstance(model, str) and config.unsafe_model_loading:
+        from influence_ops.model import load_keras_model
+        model = load_keras_model(model, safe_mode=False)
     return InfluenceModel(model, target_layers=config.target_layers, loss=config.loss,
                           from_logits=config.from_logits, l2=config.l2,
                           regularizers=config.regularizers)

@@ -118,6 +118,11 @@ class InfluenceConfig:
         "model", "L2 coefficient of the training objective (adds l2*I to the Hessian); the "
                  "target layers' own Keras L2 regularisers are added to it automatically",
         parse=float))
+    unsafe_model_loading: bool = field(default=False, metadata=_opt(
+        "model", "load --model with Keras safe mode off. RISK: a .keras file can hold Python "
+                 "code (Lambda layers, custom functions) that then runs on the driver and on "
+                 "every worker, with their credentials; use it only for a file you trust "
+                 "(TracIn --checkpoints always load in safe mode)", flag=True))
     regularizers: str = field(default="include", metadata=_opt(
         "model", "include: the target layers' Keras regularisers are part of the objective "
                  "(L2 only; others are an error); ignore: leave them out",
@@ -135,7 +140,8 @@ class InfluenceConfig:
     group_key: str = field(default="", metadata=_opt(
         "data", "group-id column for group influence"))
     input_shape: str = field(default="", metadata=_opt(
-        "data", "shape of one example, e.g. 28,28,1 (to reshape flat Parquet lists)"))
+        "data", "shape of one example, e.g. 28,28,1 (to reshape flat lists; flat Parquet "
+                "lists default to the model's input shape)"))
     feature_spec: str = field(default="", metadata=_opt(
         "data", 'TFRecord tf.train.Example spec as JSON: {"x": [[64], "float32"], '
                 '"y": [[], "int64"]}'))

@@ -54,8 +54,13 @@ class InfluenceModelError(ValueError):
     """A model, layer, loss or label problem, with a message that says what to change."""
 
 
-def load_keras_model(path: str) -> "keras.Model":
-    """Loads a ``.keras`` file in Keras safe mode (no arbitrary code from the file)."""
+def load_keras_model(path: str, safe_mode: bool = True) -> "keras.Model":
+    """Loads a ``.keras`` file, in Keras safe mode unless ``safe_mode=False``.
+
+    Safe mode refuses to deserialise Python code stored in the file (``Lambda`` layers holding
+    a lambda, arbitrary functions); ``safe_mode=False`` runs that code while loading, so only
+    pass it for a file you trust (the pipeline's ``--unsafe_model_loading``). Every failure is
+    an :class:`InfluenceModelError` that names the file."""
     if not str(path).endswith(".keras"):
         raise InfluenceModelError(
             f"model path {path!r}: expected a Keras v3 '.keras' file (saved with model.save)")
@@ -66,11 +71,53 @@ def load_keras_model(path: str) -> "keras.Model":
         from influence_ops import storage
         fd, local = tempfile.mkstemp(suffix=".keras")
         os.close(fd)
-        with storage.open_read(path) as src, open(local, "wb") as dst:
-            dst.write(src.read())
+        try:
+            with storage.open_read(path) as src, open(local, "wb") as dst:
+                dst.write(src.read())
+        except Exception as e:  # noqa: BLE001 - any storage error: name the model
+            raise InfluenceModelError(f"model {path}: cannot read it ({_first_line(e)})") from e
     elif not os.path.exists(path):
         raise InfluenceModelError(f"model file not found: {path}")
-    return keras.saving.load_model(local, compile=False, safe_mode=True)
+    elif os.path.isdir(path):
+        raise InfluenceModelError(f"model {path} is a directory, not a .keras file")
+    problem = _keras_archive_problem(local)
+    if problem:
+        raise InfluenceModelError(f"model {path} is not a Keras model file: {problem}")
+    try:
+        return keras.saving.load_model(local, compile=False, safe_mode=safe_mode)
+    except Exception as e:  # noqa: BLE001 - Keras raises many kinds; name the file
+        text = _first_line(e)
+        if safe_mode and "safe_mode" in str(e):
+            raise InfluenceModelError(
+                f"model {path} holds Python code (e.g. a Lambda layer) that safe mode refuses "
+                "to load: loading it would run that code. If you trust the file, pass "
+                "--unsafe_model_loading (InfluenceCalculator: load it yourself with "
+                "keras.saving.load_model(..., safe_mode=False))") from e
+        raise InfluenceModelError(f"model {path}: Keras cannot load it ({text})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:300] if text else type(e).__name__)
+
+
+def _keras_archive_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a ``.keras`` archive (a zip with config.json), or None."""
+    import zipfile
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        return (f"the file ({size} bytes) is not a zip archive (a .keras file is a zip with "
+                "config.json and the weights; truncated or another format?)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"the zip archive is damaged ({e})"
+    if "config.json" not in names:
+        return f"the zip archive has no config.json (it holds {names[:5]})"
+    return None
 
 
 def model_fingerprint(model: "keras.Model") -> str:
@@ -321,6 +368,62 @@ class InfluenceModel:
             return None
         return int(outputs[0].shape[-1])
 
+    @property
+    def input_shape(self) -> Optional[tuple]:
+        """Shape of one example the model takes (``None`` for an unknown dimension), or None
+        when the model has no single known input."""
+        inputs = getattr(self.model, "inputs", None)
+        if not inputs or len(inputs) != 1:
+            return None
+        return tuple(None if d is None else int(d) for d in inputs[0].shape[1:])
+
+    def example_problems(self, x, y) -> Optional[str]:
+        """Why examples ``(x, y)`` cannot go into this model and loss at all (a wrong feature
+        shape or dtype, labels of the wrong kind or width for the loss), as one sentence; None
+        when they fit. Per-row problems (one bad label) are :meth:`label_problems`."""
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype.kind not in "biuf":
+            return (f"features have dtype {x.dtype} (e.g. {x.reshape(-1)[:1].tolist()[0]!r}); "
+                    "the model takes numbers")
+        want = self.input_shape
+        got = tuple(int(d) for d in x.shape[1:])
+        if want is not None and (len(got) != len(want) or any(
+                w is not None and w != g for w, g in zip(want, got))):
+            hint = ""
+            if None not in want and int(np.prod(got)) == int(np.prod(want)):
+                hint = f"; --input_shape={','.join(map(str, want))} would reshape them"
+            elif None not in want:
+                hint = (f" ({int(np.prod(got))} values per example, the model takes "
+                        f"{int(np.prod(want))}): wrong --x_key or --input_shape, or another "
+                        "model's data?")
+            return (f"examples have shape {got}, the model takes {_shape_text(want)}{hint}")
+        return self._label_kind_problem(y)
+
+    def _label_kind_problem(self, y: np.ndarray) -> Optional[str]:
+        mode, n_out, loss = self.label_mode, self.n_outputs, self.loss_spec
+        if mode == "custom" or len(y) == 0:
+            return None
+        if y.dtype.kind not in "biuf":
+            what = "strings" if y.dtype.kind in "USO" else f"of dtype {y.dtype}"
+            return (f"labels are {what} (e.g. {y.reshape(-1)[:1].tolist()[0]!r}); --loss={loss} "
+                    "needs "
+                    + ("integer class indices" if mode == "sparse" else "numbers"))
+        width = int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
+        if mode == "sparse":
+            if width != 1:
+                return (f"labels have shape {tuple(y.shape[1:])} per example; --loss={loss} "
+                        "takes one integer class index per example (one-hot labels: "
+                        "--loss=categorical_crossentropy)")
+            return None
+        if n_out is None or width == n_out:
+            return None
+        if width == 1 and mode in ("onehot", "binary"):
+            return (f"--loss={loss} needs labels of width {n_out} (the model has {n_out} "
+                    "outputs) but gets one label per example; for integer class labels use "
+                    "--loss=sparse_categorical_crossentropy")
+        return (f"labels have {width} values per example but the model has {n_out} outputs "
+                f"(--loss={loss})")
+
     def label_problems(self, y) -> np.ndarray:
         """Rows whose label cannot go into the loss ``(n,)`` bool: the pipeline dead-letters
         those rows (a bad label rejects a row, not a block); :meth:`check_labels` raises."""
@@ -335,11 +438,16 @@ class InfluenceModel:
             bad = ~np.isfinite(v) | (v < 0) | (v != np.round(v))
             if n_out is not None:
                 bad |= v >= n_out
-        elif self.label_mode == "onehot":
+        elif self.label_mode in ("onehot", "binary", "regression"):
             flat = y.reshape(len(y), -1)
+            if not np.issubdtype(flat.dtype, np.number) and flat.dtype != bool:
+                return np.ones(len(y), dtype=bool)
             if n_out is not None and flat.shape[1] != n_out:
                 return np.ones(len(y), dtype=bool)
-            bad = ~np.isfinite(flat.astype(np.float64)).all(axis=1)
+            v = flat.astype(np.float64)
+            bad = ~np.isfinite(v).all(axis=1)
+            if self.label_mode == "binary":  # probabilities of the positive class
+                bad |= ((v < 0) | (v > 1)).any(axis=1)
         return bad
 
     def normalize_labels(self, y) -> np.ndarray:
@@ -387,6 +495,11 @@ class InfluenceModel:
                 f"d={self.n_params}, loss={self.loss_spec}, l2={self.l2}"
                 + (f", l2_from_regularizers={self.l2_from_regularizers}"
                    if self.l2_from_regularizers else "") + ")")
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + \
+        ("," if len(shape) == 1 else "") + ")"
 
 
 def _l2_coefficient(reg) -> Optional[float]:

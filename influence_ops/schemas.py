@@ -25,6 +25,7 @@ GROUP_SELF_SCHEMA = pa.schema([
 ])
 DEAD_LETTER_SCHEMA = pa.schema([
     ("source", pa.string()), ("example_id", pa.string()), ("error", pa.string()),
+    ("stage", pa.string()),  # read | check | featurize
 ])
 
 

@@ -100,6 +100,13 @@ def select_eigenpairs(evals, evecs, damping=0.0, top_k=None, negative="keep",
     if idx.size == 0:
         raise ValueError("no usable eigenvalue left: the Hessian model is zero or all negative "
                          "with negative='drop'; add damping")
+    n_neg = int(np.sum(lam[idx] < 0))
+    if n_neg and negative == "keep":
+        log.warning("H + damping is indefinite: %d of the %d eigenvalues kept are negative "
+                    "(most negative %.3g). Policy --negative_eigenvalues=keep uses them with "
+                    "their sign (the exact inverse on the kept subspace); 'drop' discards "
+                    "them, 'abs' uses their magnitude, more --damping shifts them",
+                    n_neg, int(idx.size), float(lam[idx].min()))
     return EigenInverse(U=np.asarray(evecs, np.float64)[:, idx], lam=lam[idx])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import tempfile
 from typing import List
 
 
@@ -70,6 +71,80 @@ def open_write(path: str):
         return _GcsWriter(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return open(path, "wb")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes ``path`` so that a reader sees the old content or all of the new, never a part.
+
+    Local: a temporary file in the same folder, flushed and fsynced, then renamed over
+    ``path`` (rename is atomic within a file system); when the write fails (no space left,
+    read-only) the temporary file is removed and the OSError says why. ``gs://``: one object
+    upload, which becomes visible only when complete."""
+    if is_gcs(path):
+        bucket, key = _split_gcs(path)
+        _gcs_client().bucket(bucket).blob(key).upload_from_string(data)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def create_exclusive(path: str, data: bytes) -> bool:
+    """Creates ``path`` holding ``data`` only if it does not exist yet; returns False when it
+    already exists. Atomic against concurrent creators: ``O_CREAT | O_EXCL`` locally, a
+    generation-0 precondition (``ifGenerationMatch=0``) on ``gs://``."""
+    if is_gcs(path):
+        from google.api_core import exceptions as gexc
+        bucket, key = _split_gcs(path)
+        try:
+            _gcs_client().bucket(bucket).blob(key).upload_from_string(
+                data, if_generation_match=0)
+        except gexc.PreconditionFailed:
+            return False
+        return True
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.remove(path)
+        raise
+    return True
+
+
+def delete(path: str) -> None:
+    """Removes one file or object (nothing when it is already gone)."""
+    if is_gcs(path):
+        from google.api_core import exceptions as gexc
+        bucket, key = _split_gcs(path)
+        try:
+            _gcs_client().bucket(bucket).blob(key).delete()
+        except gexc.NotFound:
+            pass
+        return
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def exists(path: str) -> bool:

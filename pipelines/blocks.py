@@ -13,10 +13,14 @@ from pipelines.constants import DEAD, TIMING
 
 
 class DeadLetter(NamedTuple):
-    """A rejected row: where it came from, its id and why (one row of ``dead_letter/``)."""
+    """A rejected row: where it came from, its id, why, and the stage that rejected it (one
+    row of ``dead_letter/``). Stages: ``read`` (unparseable, missing value, wrong length,
+    non-finite features), ``check`` (a label the loss cannot take, a non-finite loss, before
+    the fit), ``featurize`` (non-finite gradient features, self-influence or loss)."""
     source: str
     example_id: str
     error: str
+    stage: str = "read"
 
 
 class Timing(NamedTuple):
@@ -25,16 +29,19 @@ class Timing(NamedTuple):
     seconds: float
 
 
-def dead_letter(source: str, example_id, error) -> beam.pvalue.TaggedOutput:
+def dead_letter(source: str, example_id, error, stage: str = "read"
+                ) -> beam.pvalue.TaggedOutput:
     """The one way a stage rejects a row: a :class:`DeadLetter` on the ``dead`` output."""
-    return beam.pvalue.TaggedOutput(DEAD, DeadLetter(str(source), str(example_id), str(error)))
+    return beam.pvalue.TaggedOutput(DEAD, DeadLetter(str(source), str(example_id), str(error),
+                                                     str(stage)))
 
 
-def dead_rows(block: "Block", mask: np.ndarray, reason):
+def dead_rows(block: "Block", mask: np.ndarray, reason, stage: str = "read"):
     """Dead letters for the rows of ``block`` selected by ``mask``; ``reason`` is a string or
     a callable ``(row index) -> str``."""
     for i in np.nonzero(mask)[0]:
-        yield dead_letter(block.source, block.ids[i], reason(i) if callable(reason) else reason)
+        yield dead_letter(block.source, block.ids[i], reason(i) if callable(reason) else reason,
+                          stage)
 
 
 def timing(stage: str, seconds: float) -> beam.pvalue.TaggedOutput:

@@ -6,6 +6,7 @@ DEAD = "dead"                     # tagged output of rejected rows: DeadLetter r
 TIMING = "timing"                 # tagged output of (stage, seconds) records
 
 SUCCESS = "_SUCCESS"              # written last: a reader that sees it sees a whole result
+CLAIM = "_RUNNING"                # claim of the run writing the output (created exclusively)
 MANIFEST = "run_manifest.json"
 METRICS = "run_metrics.json"
 ARTIFACT = "artifact"             # the fitted method, under --output

@@ -21,24 +21,60 @@ log = logging.getLogger(__name__)
 
 
 class ValidateLabels(ModelDoFn):
-    """Dead-letters rows whose label does not fit the model's loss, before anything fits
-    (``InfluenceModel.label_problems`` decides)."""
+    """The job's check of every example against the model, before anything fits.
+
+    * A block whose examples cannot go into the model at all (another feature shape, labels
+      of the wrong kind or width for the loss: ``InfluenceModel.example_problems``) fails the
+      job with one sentence naming the file; the driver made the same check on the first
+      examples before the job started.
+    * Rows whose label does not fit the loss are dead-lettered (``InfluenceModel.
+      label_problems``), stage ``check``.
+    * Rows whose loss is not finite (inputs that overflow the model) are dead-lettered, stage
+      ``check``: their gradients would be NaN or infinite and would poison the fit.
+    """
 
     def __init__(self, config):
         super().__init__(config)
         self.dead = beam.metrics.Metrics.counter(NAMESPACE, "examples_dead_lettered")
 
     def process(self, block: Block):
+        from influence_ops import gradients as G
+        from pipelines.read import SourceError
         imodel = self.loaded().imodel
+        problem = imodel.example_problems(block.x, block.y)
+        if problem:
+            raise SourceError(f"{block.source} (example {block.ids[0]}): {problem}")
         bad = imodel.label_problems(block.y)
         if bad.any():
             self.dead.inc(int(bad.sum()))
             yield from dead_rows(block, bad, lambda i: (
                 f"bad label {block.y[i]!r} for a {imodel.label_mode} loss with "
-                f"{imodel.n_outputs} outputs"))
+                f"{imodel.n_outputs} outputs"), stage="check")
             block = block.take(~bad)
+        if not len(block):
+            return
+        losses = G.per_example_losses(imodel, block.x, imodel.normalize_labels(block.y))
+        finite = np.isfinite(losses)
+        if not finite.all():
+            self.dead.inc(int((~finite).sum()))
+            yield from dead_rows(block, ~finite, lambda i: (
+                f"non-finite loss ({losses[i]}) at the model's output: its gradient would be "
+                "NaN or infinite (inputs that overflow the model?)"), stage="check")
+            block = block.take(finite)
         if len(block):
             yield block
+
+
+def _nonfinite_rows(*arrays) -> np.ndarray:
+    """``(n,)`` True where any of the per-row arrays (None skipped) holds NaN or inf."""
+    bad = None
+    for a in arrays:
+        if a is None:
+            continue
+        a = np.asarray(a, dtype=np.float64)
+        rows = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        bad = rows if bad is None else bad | rows
+    return bad
 
 
 class _FeaturizeDoFn(ModelDoFn):
@@ -48,6 +84,7 @@ class _FeaturizeDoFn(ModelDoFn):
         super().__init__(config)
         self.role = role
         self.count = beam.metrics.Metrics.counter(NAMESPACE, f"{role}_examples_featurized")
+        self.dead = beam.metrics.Metrics.counter(NAMESPACE, "examples_dead_lettered")
         self.ms = beam.metrics.Metrics.distribution(NAMESPACE, f"featurize_{role}_block_ms")
 
     def start_bundle(self):
@@ -70,21 +107,40 @@ class _FeaturizeDoFn(ModelDoFn):
             phi, psi, self_scores = method.featurize_train(block.x, y)
             losses = G.per_example_losses(imodel, block.x, y)
             out = FeatureBlock(block.ids, phi, labels, self_scores, losses, block.group, psi)
+            bad = _nonfinite_rows(phi, psi, self_scores, losses)
         else:
             psi = method.query_features(block.x, y, block.ids)
             out = FeatureBlock(block.ids, psi, labels)
-        self.count.inc(len(block))
-        self._n += len(block)
+            bad = _nonfinite_rows(psi)
+        if bad is not None and bad.any():
+            # One example's NaN / inf gradient features must not take the job (or the scores
+            # of every query) with it: dead-letter the example, score the rest.
+            yield from dead_rows(block, bad, "non-finite gradient features, self-influence or "
+                                 "loss (NaN or inf)", stage="featurize")
+            self.dead.inc(int(bad.sum()))
+            out = _take_features(out, ~bad)
+        self.count.inc(len(out))
+        self._n += len(out)
         sec = time.time() - t
         self.ms.update(int(sec * 1000))
         yield timing(f"featurize_{self.role}", sec)
-        yield out
+        if len(out):
+            yield out
+
+
+def _take_features(fb: FeatureBlock, keep: np.ndarray) -> FeatureBlock:
+    def take(a):
+        return None if a is None else np.asarray(a)[keep]
+    return FeatureBlock(fb.ids[keep], take(fb.features), take(fb.labels), take(fb.self_scores),
+                        take(fb.losses), take(fb.group), take(fb.self_features))
 
 
 class Featurize(beam.PTransform):
-    """``blocks -> (FeatureBlocks, timings)`` with the fitted artifact as a singleton side input.
+    """``blocks -> (FeatureBlocks, timings, dead letters)`` with the fitted artifact as a
+    singleton side input.
 
-    Blocks arrive label-checked (``ValidateLabels``), so every row is featurized."""
+    Blocks arrive checked (``ValidateLabels``); a row whose features come out non-finite is
+    dead-lettered here (stage ``featurize``)."""
 
     def __init__(self, config, artifact, role: str):
         super().__init__()
@@ -93,11 +149,11 @@ class Featurize(beam.PTransform):
     def expand(self, blocks):
         res = blocks | "Featurize" >> beam.ParDo(
             _FeaturizeDoFn(self.config, self.role), beam.pvalue.AsSingleton(self.artifact)
-        ).with_outputs(TIMING, main="features")
-        return res.features, res[TIMING]
+        ).with_outputs(TIMING, DEAD, main="features")
+        return res.features, res[TIMING], res[DEAD]
 
 
 def validate_labels(blocks, config, label: str):
-    """``blocks -> (checked blocks, dead letters)``."""
+    """``blocks -> (checked blocks, dead letters)`` (:class:`ValidateLabels`)."""
     res = blocks | label >> beam.ParDo(ValidateLabels(config)).with_outputs(DEAD, main="blocks")
     return res.blocks, res[DEAD]

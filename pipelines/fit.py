@@ -68,9 +68,10 @@ class _FitDoFn(ModelDoFn):
         super().__init__(config)
         self.artifact_dir = artifact_dir
 
-    def process(self, payload, queries):
+    def process(self, payload, queries, guard=None):
         from influence_ops import artifacts
         from influence_ops.api import build_method
+        check_guard(guard)
         t0 = time.time()
         imodel = self.loaded().imodel
         method = build_method(imodel, self.config)
@@ -101,6 +102,27 @@ class _FitDoFn(ModelDoFn):
         yield self.artifact_dir
 
 
+def check_guard(guard) -> None:
+    """Refuses to fit (the expensive part) on input that cannot give a valid result: duplicate
+    ids, or no training example left after the checks (the message says why rows were
+    rejected: the dead-letter table is only written at the end)."""
+    if not guard:
+        return
+    from pipelines.finalize import RunError, describe_dead
+    if guard.get("problems"):
+        raise RunError("; ".join(guard["problems"]))
+    if guard.get("train_ok") == 0:
+        why = describe_dead(guard.get("dead"))
+        raise RunError("no training examples to fit on: "
+                       + (f"every row of --train was rejected ({why})" if why else
+                          "--train is empty"))
+
+
+def _guarded(block, guard):
+    check_guard(guard)
+    return block
+
+
 class _ModelFactory:
     """A picklable ``() -> InfluenceModel`` for combiners (the worker's shared model)."""
 
@@ -115,13 +137,21 @@ class _ModelFactory:
 class FitMethod(beam.PTransform):
     """``blocks -> artifact path`` (a one-element PCollection used as a singleton side input)."""
 
-    def __init__(self, config, artifact_dir: str, queries=None):
+    def __init__(self, config, artifact_dir: str, queries=None, guard=None):
+        """``guard``: an optional one-element PCollection ``{"problems": [...], "train_ok":
+        n, "dead": summary}`` checked before fitting (:func:`check_guard`)."""
         super().__init__()
         self.config, self.artifact_dir, self.queries = config, artifact_dir, queries
+        self.guard = guard
 
     def expand(self, blocks):
         from influence_ops import registry
         config = self.config
+        guard = self.guard if self.guard is not None else (
+            blocks.pipeline | "NoGuard" >> beam.Create([{}]))
+        # Every fit path starts after the guard's checks (an all-data combiner would otherwise
+        # sum Hessians over input the fit then refuses).
+        blocks = blocks | "Guard" >> beam.Map(_guarded, beam.pvalue.AsSingleton(guard))
         combiner = registry.get_method(config.method).combiner(config, _ModelFactory(config))
         if combiner is not None:
             # One combine per pass over all training blocks; a later pass receives the
@@ -148,4 +178,5 @@ class FitMethod(beam.PTransform):
         queries = self.queries if self.queries is not None else (
             blocks.pipeline | "NoQueries" >> beam.Create([]))
         return payload | "Fit" >> beam.ParDo(_FitDoFn(config, self.artifact_dir),
-                                              beam.pvalue.AsList(queries))
+                                              beam.pvalue.AsList(queries),
+                                              beam.pvalue.AsSingleton(guard))

@@ -19,10 +19,20 @@ where the row index is the example's position in the split read file by file, in
 Rows with non-finite features, a wrong shape or a missing value go to the dead-letter output
 (tag ``dead``) with the reason, never silently dropped; they count as read, so that
 ``examples_read`` = rows passed on + rows dead-lettered.
+
+Files that cannot be read are named errors, never short reads: a truncated or corrupt
+``.npz`` archive, a Parquet file that is not Parquet, fails a page checksum or holds fewer
+rows than its footer says, and a TFRecord file that ends inside a record (its framing is
+checked before TensorFlow reads it, because TensorFlow takes a cut record header for the
+end of the file) or fails a record checksum.
+
+:func:`peek` reads the first examples of a source on the driver, through the same readers,
+so the job can check them against the model before any work starts.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -30,15 +40,18 @@ import math
 import os
 import posixpath
 import re
+import struct
 import tempfile
-from typing import List
+import zipfile
+import zlib
+from typing import List, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.blocks import Block, dead_letter, dead_rows, row_ids, split_rows
+from pipelines.blocks import Block, concat, dead_letter, dead_rows, row_ids, split_rows
 from pipelines.constants import DEAD, NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -114,6 +127,42 @@ def _tf_message(e) -> str:
     return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S).strip()
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _npz_head(fileobj, keys, limit: int):
+    """The first ``limit`` rows of the arrays ``keys`` of an ``.npz`` archive, reading only
+    those bytes (the driver's look at a source); never unpickles."""
+    out = {}
+    with zipfile.ZipFile(fileobj) as z:
+        names = {n[:-4] if n.endswith(".npy") else n: n for n in z.namelist()}
+        for key in keys:
+            if key not in names:
+                out[key] = None
+                continue
+            with z.open(names[key]) as m:
+                version = np.lib.format.read_magic(m)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(m)
+                if dtype.hasobject:
+                    raise ValueError(f"array {key!r} holds Python objects (pickled); save it "
+                                     "as numbers or fixed-width strings")
+                if fortran or not shape:
+                    out[key] = np.lib.format.read_array(m, allow_pickle=False)[:limit]
+                    continue
+                rows = min(limit, shape[0])
+                count = rows * int(np.prod(shape[1:], dtype=np.int64))
+                buf = m.read(count * dtype.itemsize)
+                if len(buf) < count * dtype.itemsize:
+                    raise ValueError(f"array {key!r} ends early")
+                out[key] = np.frombuffer(buf, dtype=dtype, count=count).reshape(
+                    (rows,) + tuple(shape[1:]))
+    return out
+
+
 def _check_row_shape(path, x, shape):
     """Reshapes ``x`` to ``(n,) + shape`` when ``--input_shape`` is given."""
     if shape is None or tuple(x.shape[1:]) == shape:
@@ -150,16 +199,38 @@ class _ReadFile(beam.DoFn):
 
 
 class _ReadNpz(_ReadFile):
+    def _load(self, path):
+        """{key: array} of the keys we read, with ``allow_pickle=False``; a damaged or
+        truncated archive is a SourceError naming the file."""
+        limit = self.cfg.get("limit")
+        try:
+            with FileSystems.open(path) as f:
+                raw = io.BytesIO(f.read())
+            if limit:
+                data = _npz_head(raw, self._keys(), limit)
+                files = [k for k, v in data.items() if v is not None]
+            else:
+                npz = np.load(raw, allow_pickle=False)
+                if not hasattr(npz, "files"):
+                    raise SourceError(f"{path}: a single .npy array, not an .npz archive "
+                                      "(save with np.savez(path, x=..., y=...))")
+                files = npz.files
+                data = {k: npz[k] for k in self._keys() if k in npz.files}
+        except SourceError:
+            raise
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
+                zlib.error) as e:
+            raise SourceError(f"{path}: not a readable .npz archive (truncated or damaged?): "
+                              f"{type(e).__name__}: {_first_line(e)}") from e
+        for key in self._keys():
+            if key not in files:
+                raise SourceError(f"{path}: array {key!r} missing (has {sorted(files)})")
+        return data
+
     def process(self, element):
         path, source = element
         c = self.cfg
-        with FileSystems.open(path) as f:
-            data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-        if not hasattr(data, "files"):
-            raise SourceError(f"{path}: not an .npz archive")
-        for key in self._keys():
-            if key not in data.files:
-                raise SourceError(f"{path}: array {key!r} missing (has {data.files})")
+        data = self._load(path)
         x, y = data[c["x_key"]], data[c["y_key"]]
         n = len(x)
         ids = _as_str(data[c["id_key"]]) if c["id_key"] else row_ids(source, 0, n)
@@ -202,9 +273,13 @@ class _ReadParquet(_ReadFile):
         x_cols = [s.strip() for s in c["x_key"].split(",") if s.strip()]
         columns = list(dict.fromkeys(
             x_cols + [c["y_key"]] + [k for k in (c["id_key"], c["group_key"]) if k]))
-        with FileSystems.open(path) as f:
-            pf = pq.ParquetFile(io.BytesIO(f.read()))
-        schema = pf.schema_arrow
+        try:
+            with FileSystems.open(path) as f:
+                pf = pq.ParquetFile(io.BytesIO(f.read()), page_checksum_verification=True)
+            schema = pf.schema_arrow
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise SourceError(f"{path}: not a readable Parquet file (empty, truncated, damaged "
+                              f"or another format): {_first_line(e)}") from e
         missing = [k for k in columns if k not in schema.names]
         if missing:
             raise SourceError(f"{path}: column(s) {missing} missing (has {schema.names})")
@@ -216,10 +291,18 @@ class _ReadParquet(_ReadFile):
                 raise SourceError(f"{path}: column {x_cols[0]!r} is {schema.field(x_cols[0]).type}"
                                   "; expected a list of numbers (nested lists: flatten them and "
                                   "pass --input_shape)")
+            # The list length every row must have: from --input_shape, the fixed-size list
+            # type, or the model's input (never guessed from the data: when the first rows
+            # are the malformed ones, a guess would reject the good rows).
+            model_shape = c.get("example_shape")
             if shape:
                 want = int(np.prod(shape))
             elif pa.types.is_fixed_size_list(schema.field(x_cols[0]).type):
                 want = schema.field(x_cols[0]).type.list_size
+            elif model_shape:
+                want = int(np.prod(model_shape))
+            if not shape and model_shape and want == int(np.prod(model_shape)):
+                shape = tuple(model_shape)  # flat lists take the model's input shape
         else:
             for k in x_cols:
                 if not _is_number(schema.field(k).type):
@@ -229,7 +312,16 @@ class _ReadParquet(_ReadFile):
                 raise SourceError(f"{path}: --input_shape {shape} has {int(np.prod(shape))} "
                                   f"values but --x_key names {len(x_cols)} column(s)")
         start = 0
-        for batch in pf.iter_batches(batch_size=max(c["block_size"], 1024), columns=columns):
+        batches = pf.iter_batches(batch_size=max(c["block_size"], 1024), columns=columns)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError, ValueError) as e:
+                raise SourceError(f"{path}: corrupt Parquet data after row {start} (a page "
+                                  f"fails its checksum or cannot be decoded): "
+                                  f"{_first_line(e)}") from e
+            if batch is None:
+                break
             n = batch.num_rows
             if not n:
                 continue
@@ -254,8 +346,8 @@ class _ReadParquet(_ReadFile):
             if list_x:
                 col = batch.column(x_cols[0])
                 lengths = np.asarray(pc.list_value_length(col).fill_null(-1))
-                if want is None:  # no --input_shape: the most common length of the first batch
-                    valid = lengths[lengths >= 0]
+                if want is None:  # no shape known from the model either: the file's most
+                    valid = lengths[lengths >= 0]    # common length (first batch)
                     want = int(np.bincount(valid).argmax()) if len(valid) else None
                 bad = (lengths != want) & (reasons == "")
                 if bad.any():
@@ -285,6 +377,9 @@ class _ReadParquet(_ReadFile):
                 if shape:
                     x = x.reshape((m,) + shape)
             yield from self._emit(ids, x, y, group, source)
+        if start != pf.metadata.num_rows:
+            raise SourceError(f"{path}: read {start} rows but the Parquet footer says "
+                              f"{pf.metadata.num_rows}: the file is damaged")
 
 
 def parse_feature_spec(cfg: dict):
@@ -309,6 +404,91 @@ def parse_feature_spec(cfg: dict):
     if missing:
         raise SourceError(f"--feature_spec has no entry for {missing} (has {sorted(spec)})")
     return spec
+
+
+def _masked_crc(data: bytes) -> Optional[int]:
+    """TFRecord's masked CRC32-C of ``data`` (None when no CRC32-C implementation is here)."""
+    try:
+        import google_crc32c
+    except ImportError:  # pragma: no cover - google-cloud-storage brings it
+        return None
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class _ZlibReader:
+    """``read(n)`` over a zlib stream (TFRecord ``ZLIB`` compression)."""
+
+    def __init__(self, path):
+        self._f, self._d, self._buf = open(path, "rb"), zlib.decompressobj(), b""
+
+    def read(self, n):
+        while len(self._buf) < n:
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                if not self._d.eof:
+                    raise EOFError("zlib stream ended before its end marker")
+                break
+            self._buf += self._d.decompress(chunk)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def tfrecord_frames(path: str, local: str, compression: str = "") -> int:
+    """Number of records in a TFRecord file, checking its framing: every record is a length
+    (uint64) with its masked CRC32-C, the data and the data's CRC. Raises SourceError when the
+    file ends inside a record or a length fails its checksum. TensorFlow's reader takes a
+    file cut inside a record header for the end of the file and stops without an error, so
+    this is how a truncated file is told from a short one. ``path`` names the file in
+    messages, ``local`` is where its bytes are."""
+    size = os.path.getsize(local) if not compression else None
+    opener = {"": lambda q: open(q, "rb"), "GZIP": gzip.open, "ZLIB": _ZlibReader}[compression]
+    n = offset = 0
+    try:
+        with opener(local) as f:
+            while True:
+                head = f.read(12)
+                if not head:
+                    return n
+                if len(head) < 12:
+                    raise SourceError(
+                        f"{path}: truncated TFRecord file: it ends {len(head)} bytes into the "
+                        f"header of record {n} (byte {offset}), after {n} complete records")
+                crc = _masked_crc(head[:8])
+                if crc is not None and crc != struct.unpack("<I", head[8:])[0]:
+                    raise SourceError(f"{path}: corrupt TFRecord file: the length of record "
+                                      f"{n} (byte {offset}) fails its checksum")
+                length = struct.unpack("<Q", head[:8])[0]
+                if size is not None:
+                    if offset + 16 + length > size:
+                        raise SourceError(
+                            f"{path}: truncated TFRecord file: record {n} (byte {offset}) "
+                            f"needs {length + 16} bytes, the file ends after "
+                            f"{size - offset}; {n} complete records before it")
+                    f.seek(length + 4, 1)
+                else:
+                    rest = length + 4
+                    while rest:
+                        got = len(f.read(min(rest, 1 << 20)))
+                        if not got:
+                            raise SourceError(
+                                f"{path}: truncated TFRecord file: the stream ends inside "
+                                f"record {n}, after {n} complete records")
+                        rest -= got
+                offset += 16 + length
+                n += 1
+    except SourceError:
+        raise
+    except (EOFError, OSError, zlib.error) as e:
+        raise SourceError(f"{path}: damaged {compression.lower()} TFRecord file "
+                          f"({type(e).__name__}: {_first_line(e)}), after {n} complete "
+                          "records") from e
 
 
 class _ReadTFRecord(_ReadFile):
@@ -337,6 +517,10 @@ class _ReadTFRecord(_ReadFile):
     def _read(self, tf, path, local, source, spec, compression):
         c = self.cfg
         shape = _parse_shape(c["input_shape"])
+        # The framing check reads record headers only; a look at the first examples (limit)
+        # skips it for compressed files, which would have to be decompressed whole.
+        frames = (None if c.get("limit") and compression
+                  else tfrecord_frames(path, local, compression))
         ds = tf.data.TFRecordDataset(local, compression_type=compression).batch(c["block_size"])
         start = 0
         try:
@@ -368,6 +552,9 @@ class _ReadTFRecord(_ReadFile):
                 yield from self._emit(ids, x, rec[c["y_key"]], group, source)
         except tf.errors.DataLossError as e:
             raise SourceError(f"{path}: corrupt TFRecord file ({_tf_message(e)})") from e
+        if frames is not None and start != frames and not c.get("limit"):
+            raise SourceError(f"{path}: TensorFlow read {start} records but the file holds "
+                              f"{frames}")
 
     def _parse_each(self, tf, raw, spec):
         """Unhappy path: parses record by record, returning the good rows and the reasons."""
@@ -503,13 +690,17 @@ class ReadExamples(beam.PTransform):
     Sources are matched / opened at construction, so a bad spec fails early and clearly.
     """
 
-    def __init__(self, spec: str, config, role: str = "train"):
+    def __init__(self, spec: str, config, role: str = "train", example_shape=None):
         super().__init__()
         self.kind, self.rest = parse_source(spec)
         self.role = role
         self.cfg = {k: getattr(config, k) for k in (
             "x_key", "y_key", "id_key", "group_key", "input_shape", "feature_spec",
             "tfds_data_dir", "block_size")}
+        # The shape of one example the model takes (all dimensions known), or None: the
+        # length flat Parquet lists must have.
+        self.cfg["example_shape"] = (tuple(int(d) for d in example_shape)
+                                     if example_shape and None not in example_shape else None)
         if role == "query":
             self.cfg["group_key"] = ""
         if not self.cfg["block_size"] or self.cfg["block_size"] < 1:
@@ -524,17 +715,64 @@ class ReadExamples(beam.PTransform):
             keys = [self.cfg[k] for k in ("x_key", "y_key", "id_key", "group_key")]
             self.shards = tfds_shards(self.rest, self.cfg["tfds_data_dir"], keys)
 
+    def reader(self, cfg=None) -> _ReadFile:
+        cls = {"npz": _ReadNpz, "parquet": _ReadParquet, "tfrecord": _ReadTFRecord,
+               "tfds": _ReadTfdsShard}[self.kind]
+        return cls(cfg or self.cfg)
+
+    @property
+    def elements(self):
+        """What the reader is applied to: (path, source name) per file, or TFDS shards."""
+        return self.shards if self.kind == "tfds" else self.files
+
     def expand(self, pbegin):
         if self.kind == "tfds":
             elems = pbegin | "Shards" >> beam.Create(self.shards)
-            reader = _ReadTfdsShard(self.cfg)
         else:
             elems = pbegin | "Files" >> beam.Create(self.files)
-            reader = {"npz": _ReadNpz, "parquet": _ReadParquet,
-                      "tfrecord": _ReadTFRecord}[self.kind](self.cfg)
+        reader = self.reader()
         read = (elems | "Spread" >> beam.Reshuffle()
                 | "Read" >> beam.ParDo(reader).with_outputs(DEAD, main="blocks"))
         valid = read.blocks | "Validate" >> beam.ParDo(ValidateBlocks()).with_outputs(
             DEAD, main="blocks")
         dead = ((read[DEAD], valid[DEAD]) | "DeadLetters" >> beam.Flatten())
         return valid.blocks, dead
+
+
+class Peek(NamedTuple):
+    """The first examples of a source, read on the driver by the job's own readers."""
+    block: Optional[Block]   # rows that passed the reader's checks (None: no such row)
+    dead: list               # DeadLetter records among the rows looked at
+    where: str               # the file (or TFDS shard) they came from
+
+
+def peek(read: "ReadExamples", n: int = 64, max_elements: int = 3) -> Peek:
+    """Up to ``n`` examples from the first files (or shards) of ``read``, through the same
+    reader and row checks the job runs, without Beam. A file that cannot be read raises the
+    reader's SourceError here, on the driver."""
+    cfg = dict(read.cfg, limit=n)
+    reader = read.reader(cfg)
+    if hasattr(reader, "setup"):
+        reader.setup()
+    validate = ValidateBlocks()
+    blocks, dead, where, rows = [], [], "", 0
+    for element in read.elements[:max_elements]:
+        where = element[0] if read.kind != "tfds" else f"tfds:{element[0]}/{element[1]}"
+        gen = reader.process(element)
+        try:
+            for out in gen:
+                items = [out] if not isinstance(out, Block) else list(validate.process(out))
+                for item in items:
+                    if isinstance(item, Block):
+                        blocks.append(item)
+                        rows += len(item)
+                    else:
+                        dead.append(item.value)
+                        rows += 1
+                if rows >= n:
+                    break
+        finally:
+            gen.close()
+        if blocks:
+            break
+    return Peek(concat(blocks) if blocks else None, dead, where)

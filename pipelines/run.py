@@ -15,16 +15,30 @@ Output layout under ``--output``::
     run_manifest.json    method, options, versions, counts, stage timings, row counts
     _SUCCESS             written last: a reader that sees it sees a whole result
     run_metrics.json     Beam metrics, written by a launcher that waited for the job
+    _RUNNING             the claim of the run writing the output (removed when it ends)
+
+Before the job starts, on the driver (:func:`run`): the options are validated, the model is
+loaded, the first examples of ``--train`` and ``--queries`` are read by the job's own readers
+and checked against the model (feature shape and dtype, label kind and width for the loss,
+label range, a loss and a gradient on two examples), and the output is claimed with an
+exclusive create of ``_RUNNING``, which also proves it is writable. Every failure there is one
+sentence that names the file, the example or the option (:class:`RunError`).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import os
+import re
+import socket
 import time
+import uuid
 from typing import List, Optional
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (PipelineOptions, SetupOptions,
@@ -32,12 +46,17 @@ from apache_beam.options.pipeline_options import (PipelineOptions, SetupOptions,
 
 from influence_ops.config import ConfigError, InfluenceConfig
 from pipelines import featurize, fit, groups, score
-from pipelines.constants import ARTIFACT, MANIFEST, METRICS, NAMESPACE, SUCCESS, TABLES
-from pipelines.finalize import RunError, SumCount, _join, finalize
+from pipelines.constants import (ARTIFACT, CLAIM, MANIFEST, METRICS, NAMESPACE, SUCCESS,
+                                 TABLES)
+from pipelines.finalize import (CheckIds, DeadSummary, RunError, SumCount, _join, finalize,
+                                id_problem, is_local, release_claim, write_atomic)
 from pipelines.options import job_config
-from pipelines.read import ReadExamples
+from pipelines.read import ReadExamples, peek
+from pipelines.redact import scrub_options
 
 log = logging.getLogger(__name__)
+PEEK_ROWS = 64              # examples per source checked against the model on the driver
+QUERY_SOLVE_WARN = 1000     # queries above which per-query solvers (cg, lissa, pcg) warn
 
 
 def validate(config: InfluenceConfig) -> InfluenceConfig:
@@ -65,6 +84,199 @@ def prepare_output(output: str, overwrite: bool) -> None:
     FileSystems.delete([_join(output, t) for t in existing if t != SUCCESS])
 
 
+# ------------------------------------------------------------------------------ the claim
+
+def _claim_path(output: str) -> str:
+    return _join(output, CLAIM)
+
+
+def _claim_holder(path: str) -> dict:
+    try:
+        with FileSystems.open(path) as f:
+            return json.loads(f.read().decode() or "{}")
+    except Exception:  # noqa: BLE001 - an unreadable claim is still a claim
+        return {}
+
+
+def _claim_is_stale(holder: dict) -> bool:
+    """A claim left by a dead process on this host (a driver that was killed). Detached runs
+    (``wait=False``: the job outlives its launcher) and other hosts' claims are never stale."""
+    if holder.get("detached") or holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def claim_output(output: str, detached: bool = False) -> str:
+    """Claims ``output`` for this run: ``_RUNNING`` created with exclusive-create semantics
+    (``O_EXCL`` locally, an ``ifGenerationMatch=0`` upload on ``gs://``). Returns the run id.
+
+    A second run into the same output finds the claim and refuses; a claim left by a killed
+    process on this host is taken over with a warning. Creating the claim is also the check
+    that the output is writable. Other file systems get a best effort (exists, then create)."""
+    from influence_ops import storage
+    run_id = uuid.uuid4().hex
+    body = json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                       "detached": bool(detached),
+                       "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+                      ).encode()
+    path = _claim_path(output)
+    exclusive = is_local(path) or path.startswith("gs://")
+    for attempt in range(2):
+        try:
+            if exclusive:
+                local = path[len("file://"):] if path.startswith("file://") else path
+                created = storage.create_exclusive(local, body)
+            else:
+                created = not FileSystems.exists(path)
+                if created:
+                    write_atomic(path, body)
+        except RunError:
+            raise
+        except OSError as e:
+            raise RunError(f"--output {output}: cannot write there "
+                           f"({e.strerror or e}{': ' + e.filename if e.filename else ''})"
+                           ) from None
+        except Exception as e:  # noqa: BLE001 - storage clients raise their own kinds
+            raise RunError(f"--output {output}: cannot write there ({type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
+                           ) from None
+        if created:
+            return run_id
+        holder = _claim_holder(path)
+        if attempt == 0 and _claim_is_stale(holder):
+            log.warning("taking over %s: it was left by process %s on this host, which is no "
+                        "longer running", path, holder.get("pid"))
+            FileSystems.delete([path])
+            continue
+        who = (f"run {holder.get('run_id', '?')[:12]} (process {holder.get('pid', '?')} on "
+               f"{holder.get('host', '?')}, started {holder.get('started', '?')})")
+        raise RunError(f"--output {output} is being written by another {who}; wait for it to "
+                       f"finish or choose another --output. If no run is writing there (one "
+                       f"was killed), delete {path}")
+    raise RunError(f"--output {output}: could not claim it")
+
+
+# ------------------------------------------------------------------- checks before the job
+
+def _role_flag(role: str) -> str:
+    return "--train" if role == "train" else "--queries"
+
+
+def tf_error_text(e: BaseException) -> str:
+    """The last line that says what went wrong in a TensorFlow / Keras error."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception):", ln)]
+    line = errors[-1] if errors else (lines[0] if lines else type(e).__name__)
+    return re.sub(r"^[A-Za-z_.]*(Error|Exception):\s*", "", line)[:400]
+
+
+def check_examples(config: InfluenceConfig, imodel, role: str, read: ReadExamples) -> int:
+    """The first examples of one source against the model, on the driver; returns how many
+    were looked at. Raises RunError naming the file, an example id and the option to change."""
+    from influence_ops import gradients as G
+    look = peek(read, PEEK_ROWS)
+    flag = _role_flag(role)
+    if look.block is None:
+        if look.dead:
+            log.warning("%s: none of the first %d rows of %s passed the reader's checks (%s: "
+                        "%s); the job dead-letters such rows", flag, len(look.dead),
+                        look.where, look.dead[0].example_id, look.dead[0].error)
+        return len(look.dead)
+    b = look.block
+    where = f"{flag} {look.where}"
+    problem = imodel.example_problems(b.x, b.y)
+    if problem:
+        raise RunError(f"{where} (example {b.ids[0]}): {problem}")
+    uniq, counts = np.unique(b.ids, return_counts=True)
+    if (counts > 1).any():
+        first = ", ".join(f"{str(i)!r} x{c}" for i, c in zip(uniq[counts > 1][:5],
+                                                         counts[counts > 1][:5]))
+        raise RunError(f"{where}: duplicate example ids "
+                       f"({'--id_key=' + config.id_key if config.id_key else 'row ids'}) "
+                       f"among its first {len(b)} rows: {first}")
+    bad = imodel.label_problems(b.y)
+    if bad.all():
+        raise RunError(f"{where}: none of the first {len(b)} labels can go into --loss="
+                       f"{imodel.loss_spec} with {imodel.n_outputs} outputs (e.g. example "
+                       f"{b.ids[0]}: label {np.asarray(b.y[0]).tolist()!r}); wrong --y_key "
+                       "or --loss?")
+    ok = b.take(~bad)
+    try:
+        # (the gradient function computes the loss: one trace, not two)
+        G.per_example_gradients(imodel, ok.x[:2], imodel.normalize_labels(ok.y[:2]))
+    except Exception as e:  # noqa: BLE001 - anything TF raises: one sentence, not a trace
+        raise RunError(f"{where} (example {ok.ids[0]}): the model cannot compute the loss "
+                       f"--loss={imodel.loss_spec} or its gradient: {tf_error_text(e)}") from e
+    return len(b)
+
+
+def count_rows(read: ReadExamples) -> Optional[int]:
+    """Examples in a source from metadata only (npz array headers, Parquet footers, TFDS
+    split sizes); None when that would mean reading the data (TFRecord)."""
+    import zipfile
+    try:
+        if read.kind == "tfds":
+            return sum(b - a for _, _, a, b in read.shards)
+        total = 0
+        for path, _ in read.files:
+            with FileSystems.open(path) as f:  # seekable: only headers and footers are read
+                if read.kind == "parquet":
+                    import pyarrow.parquet as pq
+                    total += pq.ParquetFile(f).metadata.num_rows
+                elif read.kind == "npz":
+                    with zipfile.ZipFile(f) as z, z.open(read.cfg["x_key"] + ".npy") as m:
+                        version = np.lib.format.read_magic(m)
+                        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                  else np.lib.format.read_array_header_2_0)
+                        total += header(m)[0][0]
+                else:
+                    return None
+        return total
+    except Exception:  # noqa: BLE001 - a count for a warning only; readers name real errors
+        return None
+
+
+def query_cost_warning(config: InfluenceConfig, n_queries: Optional[int],
+                       n_train: Optional[int] = None) -> Optional[str]:
+    """A warning when a per-query solver meets many queries (they are solved at fit time)."""
+    solver = _solver_name(config)
+    if solver not in ("cg", "lissa", "pcg") or not n_queries or n_queries <= QUERY_SOLVE_WARN:
+        return None
+    sample = config.fit_sample_size
+    if n_train:
+        fit_n = str(min(sample, n_train) if sample else n_train)
+    else:
+        fit_n = f"up to {sample}" if sample else "all the"
+    steps = (f"up to {config.cg_max_iter} conjugate-gradient steps" if solver != "lissa" else
+             f"{config.lissa_depth * config.lissa_repeats} LiSSA steps")
+    return (f"--solver={solver} solves each of the {n_queries} queries at fit time, on one "
+            f"worker: {steps}, each a Hessian-vector product over {fit_n} fit examples for "
+            f"every query; expect minutes to hours before any result. A factored solver "
+            f"(--solver=arnoldi or ekfac) serves any number of queries from one fit; fewer "
+            f"queries or a smaller --fit_sample_size also help")
+
+
+def preflight(config: InfluenceConfig, imodel, reads: dict) -> List[str]:
+    """Checks both sources against the model before anything runs; returns warnings (also
+    logged) for the run manifest."""
+    for role, read in reads.items():
+        check_examples(config, imodel, role, read)
+    warnings = []
+    n_queries = count_rows(reads["query"])
+    if query_cost_warning(config, n_queries):
+        warnings.append(query_cost_warning(config, n_queries, count_rows(reads["train"])))
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
 def _write(tables, output: str, name: str, schema=None):
     """Writes a PCollection of pyarrow tables; returns the final file names (a PCollection)."""
     return tables | f"Write_{name}" >> beam.io.parquetio.WriteToParquetBatched(
@@ -75,8 +287,15 @@ def _dead_table(rows):
     import pyarrow as pa
     from influence_ops import schemas
     rows = sorted(rows)
-    return pa.table({"source": [r[0] for r in rows], "example_id": [r[1] for r in rows],
-                     "error": [r[2] for r in rows]}, schema=schemas.DEAD_LETTER_SCHEMA)
+    return pa.table({"source": [r.source for r in rows], "example_id": [r.example_id for r in rows],
+                     "error": [r.error for r in rows], "stage": [r.stage for r in rows]},
+                    schema=schemas.DEAD_LETTER_SCHEMA)
+
+
+def _make_guard(_, ids_train, ids_query, train_ok, dead_train, id_key):
+    problems = [p for p in (id_problem("train", ids_train, id_key),
+                            id_problem("query", ids_query, id_key)) if p]
+    return {"problems": problems, "train_ok": train_ok, "dead": dead_train}
 
 
 def _total(pcoll, label: str, size=len):
@@ -90,32 +309,49 @@ def _rows(table):
 
 
 def build(p: beam.Pipeline, config: InfluenceConfig,
-          run_options: Optional[dict] = None) -> None:
+          run_options: Optional[dict] = None, reads: Optional[dict] = None,
+          run_id: Optional[str] = None, warnings: Optional[List[str]] = None) -> None:
     """Adds the job's stages to ``p``, finalisation included.
 
     ``config``: the job's validated config, handed to every stage. ``run_options``: the
-    JSON-able options recorded in the run manifest.
+    JSON-able options recorded in the run manifest. ``reads``: the ``ReadExamples`` of
+    ``{"train", "query"}`` (built here when not given). ``run_id``: the output claim the last
+    step releases. ``warnings``: the driver's, recorded in the manifest.
     """
     from influence_ops import schemas
     opts = config
     out = config.output
-    train, dead_read_t = p | "ReadTrain" >> ReadExamples(config.train, config, "train")
-    queries, dead_read_q = p | "ReadQueries" >> ReadExamples(config.queries, config, "query")
+    reads = reads or {"train": ReadExamples(config.train, config, "train"),
+                      "query": ReadExamples(config.queries, config, "query")}
+    train, dead_read_t = p | "ReadTrain" >> reads["train"]
+    queries, dead_read_q = p | "ReadQueries" >> reads["query"]
     counts = {"train_read_valid": _total(train, "TrainRead"),
               "query_read_valid": _total(queries, "QueryRead"),
               "dead_at_read": _total((dead_read_t, dead_read_q) | "DeadRead" >> beam.Flatten(),
                                      "DeadAtRead", size=lambda _: 1)}
+    # Ids are counted as read (dead letters included): unique per role, or no fit.
+    ids_t = (train, dead_read_t) | "CheckIdsTrain" >> CheckIds("train")
+    ids_q = (queries, dead_read_q) | "CheckIdsQueries" >> CheckIds("query")
     train, dead_label_t = featurize.validate_labels(train, config, "ValidateLabelsTrain")
     queries, dead_label_q = featurize.validate_labels(queries, config, "ValidateLabelsQueries")
-    artifact = train | "FitMethod" >> fit.FitMethod(config, _join(out, ARTIFACT), queries)
-    train_f, time_tf = train | "FeaturizeTrain" >> featurize.Featurize(config, artifact, "train")
-    query_f, time_qf = queries | "FeaturizeQueries" >> featurize.Featurize(config, artifact,
-                                                                          "query")
+    dead_train = ((dead_read_t, dead_label_t) | "DeadTrain" >> beam.Flatten()
+                  | "DeadTrainSummary" >> beam.CombineGlobally(DeadSummary()))
+    guard = (p | "GuardSeed" >> beam.Create([None])
+             | "Guard" >> beam.Map(_make_guard, beam.pvalue.AsSingleton(ids_t),
+                                   beam.pvalue.AsSingleton(ids_q),
+                                   beam.pvalue.AsSingleton(_total(train, "TrainChecked")),
+                                   beam.pvalue.AsSingleton(dead_train), config.id_key))
+    artifact = train | "FitMethod" >> fit.FitMethod(config, _join(out, ARTIFACT), queries,
+                                                    guard)
+    train_f, time_tf, dead_feat_t = train | "FeaturizeTrain" >> featurize.Featurize(
+        config, artifact, "train")
+    query_f, time_qf, dead_feat_q = queries | "FeaturizeQueries" >> featurize.Featurize(
+        config, artifact, "query")
     counts["train_examples_featurized"] = _total(train_f, "TrainFeaturized")
     counts["query_examples_featurized"] = _total(query_f, "QueryFeaturized")
     scored = train_f | "Score" >> score.Score(query_f, opts.k, opts.write_pairwise,
                                               opts.write_features)
-    topk = scored.topk | "MergeTopK" >> score.MergeTopK(query_f, opts.k)
+    topk, k_flag = scored.topk | "MergeTopK" >> score.MergeTopK(query_f, opts.k)
     tables = {"topk": topk, "self_influence": scored.self}
     written = {"topk": _write(topk, out, "topk", schemas.TOPK_SCHEMA),
                "self_influence": _write(scored.self, out, "self_influence",
@@ -144,8 +380,9 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
                 config, artifact, queries, n_train)
         tables["groups"] = g_scores
         written["groups"] = _write(g_scores, out, "groups", schemas.GROUP_SCHEMA)
-    dead = ((dead_read_t, dead_read_q, dead_label_t, dead_label_q)
-            | "AllDead" >> beam.Flatten()
+    all_dead = ((dead_read_t, dead_read_q, dead_label_t, dead_label_q, dead_feat_t, dead_feat_q)
+                | "AllDead" >> beam.Flatten())
+    dead = (all_dead
             | "DeadList" >> beam.combiners.ToList()
             | "DeadTable" >> beam.Map(_dead_table))
     tables["dead_letter"] = dead
@@ -153,7 +390,12 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
 
     # Everything the last step needs, as ("kind", name, value) records in one list: gathering
     # them waits for every writer to finish (their outputs are the final file names).
-    facts = [artifact | "FactArtifact" >> beam.Map(lambda a: ("artifact", "path", a))]
+    facts = [artifact | "FactArtifact" >> beam.Map(lambda a: ("artifact", "path", a)),
+             ids_t | "FactIdsTrain" >> beam.Map(lambda v: ("ids", "train", v)),
+             ids_q | "FactIdsQuery" >> beam.Map(lambda v: ("ids", "query", v)),
+             k_flag | "FactKFlag" >> beam.Map(lambda v: ("topk_flag", "k_exceeds_half", v)),
+             all_dead | "DeadSummary" >> beam.CombineGlobally(DeadSummary())
+             | "FactDead" >> beam.Map(lambda v: ("dead_summary", "all", v))]
     for name, pc in counts.items():
         facts.append(pc | f"Fact_{name}" >> beam.Map(lambda v, n=name: ("count", n, v)))
     for name, pc in tables.items():
@@ -166,7 +408,8 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
     facts.append(timings | "FactTimings" >> beam.Map(lambda kv: ("timing", kv[0], kv[1])))
     _ = (facts | "AllFacts" >> beam.Flatten() | "Gather" >> beam.combiners.ToList()
          | "Finalize" >> beam.Map(finalize, out, dict(run_options or {}),
-                                  opts.max_bad_fraction, opts.method, _solver_name(config)))
+                                  opts.max_bad_fraction, opts.method, _solver_name(config),
+                                  opts.k, opts.id_key, run_id, list(warnings or [])))
 
 
 def _solver_name(config: InfluenceConfig) -> Optional[str]:
@@ -225,8 +468,9 @@ def make_pipeline(opts: PipelineOptions) -> beam.Pipeline:
 
 
 def _json_options(opts: PipelineOptions) -> dict:
-    return {k: v for k, v in sorted(opts.get_all_options(drop_default=False).items())
-            if isinstance(v, (str, int, float, bool, type(None)))}
+    """The options recorded in the run manifest, credentials scrubbed."""
+    return scrub_options({k: v for k, v in sorted(opts.get_all_options(drop_default=False).items())
+                          if isinstance(v, (str, int, float, bool, type(None)))})
 
 
 def read_manifest(output: str) -> Optional[dict]:
@@ -234,7 +478,13 @@ def read_manifest(output: str) -> Optional[dict]:
     if not FileSystems.exists(path):
         return None
     with FileSystems.open(path) as f:
-        return json.loads(f.read().decode())
+        text = f.read().decode(errors="replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise RunError(f"{path} is not valid JSON ({len(text)} bytes; written by an older "
+                       "version that did not write it atomically, or edited?): the result "
+                       "there is not usable") from None
 
 
 def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = None,
@@ -252,33 +502,46 @@ def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = N
     configure_worker(config)
     # Driver-side file operations (output checks, manifest, marker) use the job's options too.
     FileSystems.set_options(opts)
-    # Fail fast on the driver: the model must load and the target layers must exist.
+    # Fail fast on the driver: the model must load, the target layers must exist, and the
+    # first examples of each source must fit the model (before the output is touched).
     from influence_ops.api import build_imodel
-    build_imodel(config)
-    prepare_output(config.output, config.overwrite)
-    t0 = time.time()
-    p = make_pipeline(opts)
-    build(p, config, _json_options(opts))
-    log.info("running %s/%s on %s", config.method, _solver_name(config) or "-",
-             opts.view_as(StandardOptions).runner or "FnApiRunner")
+    imodel = build_imodel(config)
+    reads = {"train": ReadExamples(config.train, config, "train", imodel.input_shape),
+             "query": ReadExamples(config.queries, config, "query", imodel.input_shape)}
+    warnings = preflight(config, imodel, reads)
+    run_id = claim_output(config.output, detached=not wait)
+    detached = False
     try:
-        result = p.run()
-        if not wait:
-            return result
-        result.wait_until_finish()
-    except Exception as e:  # noqa: BLE001 - runners wrap worker errors in their own types
+        prepare_output(config.output, config.overwrite)
+        t0 = time.time()
+        p = make_pipeline(opts)
+        # A detached job releases the claim in its last step; otherwise this process does,
+        # after it wrote run_metrics.json.
+        build(p, config, _json_options(opts), reads, None if wait else run_id, warnings)
+        log.info("running %s/%s on %s", config.method, _solver_name(config) or "-",
+                 opts.view_as(StandardOptions).runner or "FnApiRunner")
+        try:
+            result = p.run()
+            if not wait:
+                detached = True  # the job's last step releases the claim
+                return result
+            result.wait_until_finish()
+        except Exception as e:  # noqa: BLE001 - runners wrap worker errors in their own types
+            manifest = read_manifest(config.output)
+            if manifest and manifest.get("problems"):
+                raise RunError("run finished but its result is not valid (no _SUCCESS "
+                               "written): " + "; ".join(manifest["problems"])) from e
+            raise
         manifest = read_manifest(config.output)
-        if manifest and manifest.get("problems"):
-            raise RunError("run finished but its result is not valid (no _SUCCESS written): "
-                           + "; ".join(manifest["problems"])) from e
-        raise
-    manifest = read_manifest(config.output)
-    if manifest is None or not FileSystems.exists(_join(config.output, SUCCESS)):
-        raise RunError(f"the job ended without finalising {config.output}")
-    metrics = _metrics(result)
-    metrics["wall_seconds"] = round(time.time() - t0, 3)
-    with FileSystems.create(_join(config.output, METRICS)) as f:
-        f.write(json.dumps(metrics, indent=2, sort_keys=True, default=str).encode())
-    log.info("done in %.1fs: %s", metrics["wall_seconds"],
-             ", ".join(f"{k}={v}" for k, v in manifest["row_counts"].items()))
-    return dict(manifest, metrics=metrics)
+        if manifest is None or not FileSystems.exists(_join(config.output, SUCCESS)):
+            raise RunError(f"the job ended without finalising {config.output}")
+        metrics = _metrics(result)
+        metrics["wall_seconds"] = round(time.time() - t0, 3)
+        write_atomic(_join(config.output, METRICS),
+                     json.dumps(metrics, indent=2, sort_keys=True, default=str).encode())
+        log.info("done in %.1fs: %s", metrics["wall_seconds"],
+                 ", ".join(f"{k}={v}" for k, v in manifest["row_counts"].items()))
+        return dict(manifest, metrics=metrics)
+    finally:
+        if not detached:
+            release_claim(config.output, run_id)

@@ -101,7 +101,10 @@ def _topk_table(result, query_blocks):
 
 
 class MergeTopK(beam.PTransform):
-    """Per-block accumulators -> one pyarrow table (query_id, rank, train_id, score, kind)."""
+    """Per-block accumulators -> ``(table, k_exceeds_half)``: one pyarrow table (query_id,
+    rank, train_id, score, kind) and a one-element flag, True when ``2 k`` exceeds the
+    training examples scored, i.e. each query's two lists share examples (the last step
+    records it in the manifest and warns)."""
 
     def __init__(self, query_features, k: int, fanout: int = 16):
         super().__init__()
@@ -109,7 +112,11 @@ class MergeTopK(beam.PTransform):
 
     def expand(self, partials):
         from influence_ops.combiners import TopKCombiner
-        return (partials
-                | "Merge" >> beam.CombineGlobally(BeamCombineFn(TopKCombiner(self.k)))
-                .with_fanout(self.fanout)
-                | "ToTable" >> beam.Map(_topk_table, beam.pvalue.AsList(self.query_features)))
+        merged = (partials
+                  | "Merge" >> beam.CombineGlobally(BeamCombineFn(TopKCombiner(self.k)))
+                  .with_fanout(self.fanout))
+        table = merged | "ToTable" >> beam.Map(_topk_table,
+                                               beam.pvalue.AsList(self.query_features))
+        flag = merged | "KExceedsHalf" >> beam.Map(
+            lambda r: bool(r is not None and r.get("k_exceeds_half")))
+        return table, flag

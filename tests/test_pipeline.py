@@ -204,8 +204,8 @@ def test_edge_inputs_fail_with_clear_errors(setup, tmp_path):
         run_lib.run(base + [f"--train=npz:{tmp_path}/one_group.npz", "--group_key=g",
                             "--group_order=2", f"--output={tmp_path}/one"])
     assert not os.path.exists(tmp_path / "one" / "_SUCCESS")
-    # every training row dead-lettered: the fit step says so
+    # every training label out of range: refused on the driver, before the job
     np.savez(tmp_path / "all_bad.npz", x=setup["x"], y=np.full(N_TRAIN, 9))
-    with pytest.raises(Exception, match="no training examples to fit on"):
+    with pytest.raises(run_lib.RunError, match="none of the first 64 labels can go into"):
         run_lib.run(base + [f"--train=npz:{tmp_path}/all_bad.npz", "--max_bad_fraction=1",
                             f"--output={tmp_path}/dead"])

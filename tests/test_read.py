@@ -175,7 +175,7 @@ def blocks_match(data, expected, sources, x_shape=(P,), with_group=True, skip=NA
 def dead_match(expected):
     """Checker: dead letters are exactly ``expected`` {(source, id): reason regex}."""
     def check(dead):
-        got = {(s, i): e for s, i, e in dead}
+        got = {(s, i): e for s, i, e, *_ in dead}
         assert len(got) == len(dead), f"duplicate dead letters {dead}"
         assert set(got) == set(expected), f"dead letters {sorted(got)} != {sorted(expected)}"
         for key, pattern in expected.items():
