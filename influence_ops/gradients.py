@@ -89,22 +89,28 @@ def _fast_path_layers(imodel: InfluenceModel):
     return imodel.target_layers
 
 
+def preactivation(layer, h):
+    """``z = h W + b`` of a Dense or Conv2D target layer (before its activation)."""
+    import keras
+    if type(layer) is keras.layers.Dense:
+        z = tf.matmul(h, layer.kernel.value)
+    else:
+        z = tf.nn.conv2d(h, layer.kernel.value, strides=layer.strides,
+                         padding=layer.padding.upper())
+    if layer.use_bias:
+        z = z + layer.bias.value
+    return z
+
+
 def _forward_with_preactivations(imodel: InfluenceModel, x):
     """Head forward exposing ``(layer, input a, pre-activation z)`` for each target layer."""
-    import keras
     targets = {id(l) for l in imodel.target_layers}
     h, records = imodel.front(x), []
     for layer in imodel._head_layers:
         if id(layer) not in targets:
             h = layer(h, training=False)
             continue
-        if type(layer) is keras.layers.Dense:
-            z = tf.matmul(h, layer.kernel.value)
-        else:
-            z = tf.nn.conv2d(h, layer.kernel.value, strides=layer.strides,
-                             padding=layer.padding.upper())
-        if layer.use_bias:
-            z = z + layer.bias.value
+        z = preactivation(layer, h)
         records.append((layer, h, z))
         h = layer.activation(z)
     return h, records
@@ -174,16 +180,21 @@ def _per_layer_projection(imodel: InfluenceModel, x, y, P):
     return acc
 
 
+def _one_example_gradient(imodel: InfluenceModel, h, y):
+    """``(flat gradient (d,), loss)`` of one example from its front activations ``h`` (a lane
+    of ``tf.vectorized_map``: the general path for heads without per-layer formulas)."""
+    with tf.GradientTape() as tape:
+        tape.watch(imodel._tf_vars)
+        loss = tf.reduce_sum(imodel.per_example_loss(y[None], imodel.head(h[None])))
+    grads = tape.gradient(loss, imodel._tf_vars,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return imodel.flatten(grads), loss
+
+
 def _per_example_grad_fn(imodel: InfluenceModel):
     def build():
         def one(args):
-            h, y = args
-            with tf.GradientTape() as tape:
-                tape.watch(imodel._tf_vars)
-                loss = tf.reduce_sum(imodel.per_example_loss(y[None], imodel.head(h[None])))
-            grads = tape.gradient(loss, imodel._tf_vars,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return imodel.flatten(grads)
+            return _one_example_gradient(imodel, *args)[0]
 
         if _fast_path_layers(imodel) is not None:
             @tf.function(reduce_retracing=True)
@@ -625,13 +636,7 @@ def _per_layer_scores(imodel: InfluenceModel, x, y, psis, plan, dtype):
 def _general_grads_and_losses_fn(imodel: InfluenceModel):
     def build():
         def one(args):
-            h, y = args
-            with tf.GradientTape() as tape:
-                tape.watch(imodel._tf_vars)
-                loss = tf.reduce_sum(imodel.per_example_loss(y[None], imodel.head(h[None])))
-            grads = tape.gradient(loss, imodel._tf_vars,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return imodel.flatten(grads), loss
+            return _one_example_gradient(imodel, *args)
 
         @tf.function(reduce_retracing=True)
         def fn(x, y):

@@ -79,16 +79,6 @@ def _split_last(imodel: InfluenceModel):
     return "identity", last
 
 
-def _preactivation(layer, h):
-    import keras
-    if type(layer) is keras.layers.Dense:
-        z = tf.matmul(h, layer.kernel.value)
-    else:
-        z = tf.nn.conv2d(h, layer.kernel.value, strides=layer.strides,
-                         padding=layer.padding.upper())
-    if layer.use_bias:
-        z = z + layer.bias.value
-    return z
 
 
 def _forward(imodel: InfluenceModel, x):
@@ -102,7 +92,7 @@ def _forward(imodel: InfluenceModel, x):
     for idx, layer in enumerate(layers):
         is_last = idx == len(layers) - 1
         if id(layer) in targets:
-            z = _preactivation(layer, h)
+            z = grads.preactivation(layer, h)
             records.append((layer, h, z))
             if is_last:
                 z_out, act = z, layer.activation
@@ -112,7 +102,7 @@ def _forward(imodel: InfluenceModel, x):
         if is_last and kind == "layer":
             z_out, act = h, layer
         elif is_last and kind == "split":
-            z_out, act = _preactivation(layer, h), layer.activation
+            z_out, act = grads.preactivation(layer, h), layer.activation
         elif is_last:
             z_out = layer(h, training=False)
             act = None
