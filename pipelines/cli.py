@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
 _STEP = re.compile(r"\s*\[while running '([^']*)'\]\s*$")
 
 
+# What the local runners raise when an SDK worker process disappears mid-bundle.
+_WORKER_DIED = ("Channel closed prematurely", "SDK harness", "worker process exited")
+
+
 def describe(e: BaseException):
     """``(exit status, one or two lines)`` for an exception that ended the run."""
     from influence_ops.artifacts import ArtifactError
@@ -90,6 +94,11 @@ def describe(e: BaseException):
     from influence_ops.model import InfluenceModelError
     from pipelines.read import SourceError
     text = str(e).strip()
+    if any(sign in text for sign in _WORKER_DIED):
+        return EXIT_KNOWN, [
+            f"a worker process died during the run (killed, or out of memory): "
+            f"{type(e).__name__}: {redact_text(text.splitlines()[0][:200])}; nothing was "
+            "finalised (no _SUCCESS): rerun with --overwrite"]
     step = None
     m = _STEP.search(text)
     if m:  # the FnApiRunner re-raises a worker's exception with the step appended
