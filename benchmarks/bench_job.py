@@ -27,26 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
-def forward_backward_seconds(model, x, y) -> float:
-    import tensorflow as tf
-    import keras
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    @tf.function(reduce_retracing=True)
-    def step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(xb, training=False))
-        return tape.gradient(loss, model.trainable_variables)
-
-    def once():
-        for s in range(0, len(x), 512):
-            step(x[s:s + 512], y[s:s + 512])
-    once()
-    t = time.perf_counter()
-    once()
-    return time.perf_counter() - t
-
-
 def run_job(workdir, name, flags):
     out = os.path.join(workdir, name)
     code = ("import resource, sys, json; from pipelines import run as r; "
@@ -79,7 +59,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="n=2,000, 20 queries")
     args = ap.parse_args(argv)
     n, m = (2000, 20) if args.quick else (args.n, args.queries)
-    from bench_fit import cnn
+    from bench_fit import cnn, forward_backward_seconds
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, n)

@@ -332,34 +332,26 @@ def hessian_factors(imodel: InfluenceModel, x, y, batch_size: int = grads.DEFAUL
     """``(G (n, d), J (n, C, d), A (n, C, C))``, float64: per-example gradients, Jacobians of
     the logits and the loss Hessians in the logits, ``Hessian(l_i) ~ J_i^T A_i J_i`` (exact for
     last-layer targets)."""
-    _split_last(imodel)
-    x = grads._cast_x(imodel, x)
-    y = imodel.check_labels(y, len(x))
-    fn = _factor_fn(imodel, projected=False)
-    Gs, Js, As = [], [], []
-    for s in grads._batches(len(x), batch_size):
-        blk, A = fn(x[s], y[s])
-        blk = np.asarray(blk, np.float64)
-        Gs.append(blk[:, 0])
-        Js.append(blk[:, 1:])
-        As.append(np.asarray(A, np.float64))
-    if not Gs:
-        raise ValueError("no examples")
-    return np.concatenate(Gs), np.concatenate(Js), np.concatenate(As)
+    return _factors(imodel, x, y, None, batch_size)
 
 
 def projected_factors(imodel: InfluenceModel, x, y, P: np.ndarray,
                       batch_size: int = grads.DEFAULT_BATCH
                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(G P (n, k), J P (n, C, k), A (n, C, C))`` float64 in one fused pass (``P`` ``(d, k)``)."""
+    return _factors(imodel, x, y, P, batch_size)
+
+
+def _factors(imodel, x, y, P, batch_size):
+    """The batch loop of both: ``P`` None gives the factors in theta's coordinates."""
     _split_last(imodel)
     x = grads._cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
-    fn = _factor_fn(imodel, projected=True)
-    Pt = tf.constant(np.asarray(P, imodel.dtype.as_numpy_dtype))
+    fn = _factor_fn(imodel, projected=P is not None)
+    extra = () if P is None else (tf.constant(np.asarray(P, imodel.dtype.as_numpy_dtype)),)
     Gs, Js, As = [], [], []
     for s in grads._batches(len(x), batch_size):
-        blk, A = fn(x[s], y[s], Pt)
+        blk, A = fn(x[s], y[s], *extra)
         blk = np.asarray(blk, np.float64)
         Gs.append(blk[:, 0])
         Js.append(blk[:, 1:])
