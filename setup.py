@@ -18,6 +18,7 @@ setup(
         "numpy>=1.26",
         "scipy>=1.10",
         "google-cloud-storage>=2.10",
+        "matplotlib>=3.7",  # the audit report (inline SVG plots)
     ],
     extras_require={
         # CI and laptops: the CPU build of TensorFlow (no multi-GB CUDA wheels).
