@@ -127,12 +127,17 @@ class InfluenceConfig:
         "model", "include: the target layers' Keras regularisers are part of the objective "
                  "(L2 only; others are an error); ignore: leave them out",
         choices=("include", "ignore")))
+    artifact: str = field(default="", metadata=_opt(
+        "model", "score with this fitted method instead of fitting: the artifact/ folder of an "
+                 "earlier run (local or gs://), fitted for the same --model (its fingerprint "
+                 "is checked) and the same method options"))
 
     # -- data ---------------------------------------------------------------------------------
     train: str = field(default="", metadata=_opt(
         "data", "training examples: npz:PATH, parquet:GLOB, tfrecord:GLOB or tfds:NAME/SPLIT"))
     queries: str = field(default="", metadata=_opt(
-        "data", "query (test) examples, same forms as --train"))
+        "data", "query (test) examples, same forms as --train; empty = no queries "
+                "(self-influence only)"))
     x_key: str = field(default="x", metadata=_opt("data", "feature column / array / TFDS key"))
     y_key: str = field(default="y", metadata=_opt("data", "label column / array / TFDS key"))
     id_key: str = field(default="", metadata=_opt(
@@ -235,6 +240,18 @@ class InfluenceConfig:
     write_features: bool = field(default=False, metadata=_opt(
         "output", "also write the feature vectors (for your own nearest-neighbour search)",
         flag=True))
+    boundary: str = field(default="none", metadata=_opt(
+        "output", "also write boundary distances per training example in self_influence: "
+                  "sample (input space, DeepFool steps), weights (target weights) or both; "
+                  "each costs several forward+backward passes per example",
+        choices=("none", "sample", "weights", "both")))
+    examples_top: int = field(default=0, metadata=_opt(
+        "output", "also write examples/: the inputs of the N highest self-influence training "
+                  "examples, of the queries and of their listed proponents and opponents",
+        parse=int))
+    sample_rows: int = field(default=0, metadata=_opt(
+        "output", "also write sample/: the inputs of N training rows, the N smallest id "
+                  "hashes (a deterministic sample that merges across runs)", parse=int))
     batch_size: int = field(default=256, metadata=_opt(
         "output", "examples per TensorFlow call on workers", parse=int))
     tf_threads: int = field(default=0, metadata=_opt(
@@ -280,7 +297,7 @@ class InfluenceConfig:
         from influence_ops import registry
         registry.import_plugins(self.plugins)
         if for_job:
-            missing = [f"--{k}" for k in ("model", "train", "queries", "output")
+            missing = [f"--{k}" for k in ("model", "train", "output")
                        if not getattr(self, k)]
             if missing:
                 raise ConfigError(f"missing required options: {', '.join(missing)}")
@@ -308,6 +325,13 @@ class InfluenceConfig:
             raise ConfigError(
                 "--group_order=2 (second-order group influence) needs an influence-function "
                 f"method (--method=influence or relatif), not {self.method}")
+        if self.boundary not in ("none", "sample", "weights", "both"):
+            raise ConfigError("--boundary must be none, sample, weights or both")
+        if for_job and self.group_key and not self.queries:
+            raise ConfigError("--group_key (group influence on the queries) needs --queries")
+        for name in ("examples_top", "sample_rows"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.correction not in ("none", "loo"):
             raise ConfigError("--correction must be none or loo")
         if self.correction != "none" and not getattr(method_cls, "loo_correction", False):
@@ -328,6 +352,12 @@ class InfluenceConfig:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.metadata["group"] == "method" or f.name in (
                     "target_layers", "loss", "from_logits", "l2", "regularizers")}
+
+    @property
+    def boundary_columns(self) -> Tuple[str, ...]:
+        """The self-influence table's boundary columns that ``--boundary`` asks for."""
+        return {"none": (), "sample": ("sample_boundary",), "weights": ("weights_boundary",),
+                "both": ("sample_boundary", "weights_boundary")}[self.boundary]
 
     def to_dict(self) -> dict:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

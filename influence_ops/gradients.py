@@ -264,6 +264,57 @@ def per_example_losses(imodel: InfluenceModel, x, y, batch_size: int = 1024) -> 
                           ) if len(x) else np.zeros((0,), imodel.dtype.as_numpy_dtype)
 
 
+def losses_and_outputs(imodel: InfluenceModel, x, y, batch_size: int = 1024):
+    """``(per-example losses, model outputs)`` from one forward pass (the audit's given vs
+    predicted label comes from the same pass as the loss)."""
+    x = _cast_x(imodel, x)
+    y = imodel.check_labels(y, len(x))
+
+    def build():
+        @tf.function(reduce_retracing=True)
+        def fn(xb, yb):
+            out = imodel.head(imodel.front(xb))
+            return imodel.per_example_loss(yb, out), out
+        return fn
+    fn = _cached(imodel, "losses_outputs", build)
+    if not len(x):
+        return np.zeros((0,), imodel.dtype.as_numpy_dtype), None
+    parts = [fn(x[s], y[s]) for s in _batches(len(x), batch_size)]
+    return (np.concatenate([p[0].numpy() for p in parts]),
+            np.concatenate([p[1].numpy() for p in parts]))
+
+
+def predicted_labels(imodel: InfluenceModel, outputs: np.ndarray, y_like: np.ndarray):
+    """``(predicted labels in the form of y, confidence)`` from model outputs.
+
+    Classification: the arg-max class (binary: the positive class when its probability is
+    above 0.5) and the probability the model gives it; regression and custom losses: the
+    output itself and NaN confidence."""
+    out = np.asarray(outputs, dtype=np.float64)
+    n = len(out)
+    out2 = out.reshape(n, -1)
+    logits = bool(getattr(imodel._loss_fn, "from_logits", False))
+    mode = imodel.label_mode
+    if mode in ("sparse", "onehot") and out2.shape[1] > 1:
+        if logits:
+            z = out2 - out2.max(axis=1, keepdims=True)
+            p = np.exp(z)
+            p /= p.sum(axis=1, keepdims=True)
+        else:
+            p = out2
+        cls = p.argmax(axis=1)
+        conf = p[np.arange(n), cls]
+        if mode == "onehot":
+            return np.eye(out2.shape[1], dtype=np.asarray(y_like).dtype)[cls], conf
+        return cls.astype(np.asarray(y_like).dtype), conf
+    if mode == "binary" and out2.shape[1] == 1:
+        p = 1.0 / (1.0 + np.exp(-out2[:, 0])) if logits else out2[:, 0]
+        pred = (p > 0.5)
+        return pred.astype(np.asarray(y_like).dtype).reshape(np.shape(y_like)), \
+            np.where(pred, p, 1.0 - p)
+    return out.reshape(np.shape(y_like)), np.full(n, np.nan)
+
+
 def predictions(imodel: InfluenceModel, x, batch_size: int = 1024) -> np.ndarray:
     x = _cast_x(imodel, x)
     return np.concatenate([imodel.model(x[s], training=False).numpy()

@@ -12,7 +12,19 @@ TOPK_SCHEMA = pa.schema([
 SELF_SCHEMA = pa.schema([
     ("train_id", pa.string()), ("score", pa.float64()), ("label", pa.string()),
     ("loss", pa.float64()),
+    # From the same forward pass as the loss: the model's label and the probability it gives
+    # it (NaN for regression), and the input partition (file) the row was read from.
+    ("predicted", pa.string()), ("confidence", pa.float64()), ("partition", pa.string()),
 ])
+BOUNDARY_COLUMNS = ("sample_boundary", "weights_boundary")
+
+
+def self_schema(boundary=()) -> pa.Schema:
+    """The self-influence table, with the boundary-distance columns asked for (``--boundary``)."""
+    schema = SELF_SCHEMA
+    for name in boundary:
+        schema = schema.append(pa.field(name, pa.float64()))
+    return schema
 PAIRWISE_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("train_id", pa.string()), ("score", pa.float64()),
 ])
@@ -55,3 +67,29 @@ def labels_as_strings(y) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] > 1:
         y = np.argmax(y, axis=1)
     return y.reshape(len(y), -1)[:, 0].astype(str) if y.ndim > 1 else y.astype(str)
+
+# Raw inputs of selected examples (``--examples_top``, ``--sample_rows``): what the audit
+# report shows and what its spot check retrains on. ``values`` is the example's features in
+# row-major order, ``shape`` their shape; ``y_values`` the label as given (flattened).
+EXAMPLES_SCHEMA = pa.schema([
+    ("example_id", pa.string()), ("role", pa.string()),  # train | query | sample
+    ("label", pa.string()), ("predicted", pa.string()),
+    ("shape", pa.list_(pa.int32())), ("values", pa.list_(pa.float32())),
+    ("y_values", pa.list_(pa.float64())),
+])
+
+
+def examples_table(ids, role: str, x, y, labels, predicted) -> pa.Table:
+    """Rows of :data:`EXAMPLES_SCHEMA` for examples ``x`` (any shape per example)."""
+    x = np.asarray(x)
+    n = len(x)
+    shape = list(x.shape[1:])
+    flat = x.reshape(n, -1).astype(np.float32)
+    yv = np.asarray(y, dtype=np.float64).reshape(n, -1)
+    return pa.table({
+        "example_id": np.asarray(ids).astype(str), "role": np.full(n, role),
+        "label": np.asarray(labels).astype(str), "predicted": np.asarray(predicted).astype(str),
+        "shape": pa.array([shape] * n, type=pa.list_(pa.int32())),
+        "values": pa.array(list(flat), type=pa.list_(pa.float32())),
+        "y_values": pa.array(list(yv), type=pa.list_(pa.float64())),
+    }, schema=EXAMPLES_SCHEMA)

@@ -75,6 +75,12 @@ class FeatureBlock:
     losses: Optional[np.ndarray] = None
     group: Optional[np.ndarray] = None
     self_features: Optional[np.ndarray] = None  # psi on the example itself (group self-influence)
+    predicted: Optional[np.ndarray] = None      # the model's labels (strings), train side
+    confidence: Optional[np.ndarray] = None     # the probability the model gives them
+    partition: Optional[np.ndarray] = None      # the source (file) each row was read from
+    extra: Optional[dict] = None                # extra per-example columns (boundary distances)
+    x: Optional[np.ndarray] = None              # raw inputs and labels, only for --examples_top
+    y: Optional[np.ndarray] = None
 
     def __len__(self):
         return len(self.ids)

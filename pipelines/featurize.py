@@ -105,12 +105,26 @@ class _FeaturizeDoFn(ModelDoFn):
         labels = labels_as_strings(y)
         if self.role == "train":
             phi, psi, self_scores = method.featurize_train(block.x, y)
-            losses = G.per_example_losses(imodel, block.x, y)
-            out = FeatureBlock(block.ids, phi, labels, self_scores, losses, block.group, psi)
+            losses, outputs = G.losses_and_outputs(imodel, block.x, y)
+            predicted, confidence = G.predicted_labels(imodel, outputs, y)
+            extra = {}
+            if self.config.boundary != "none":
+                from influence_ops import boundary
+                for name in self.config.boundary_columns:
+                    extra[name] = getattr(boundary, name)(imodel, block.x)
+            out = FeatureBlock(block.ids, phi, labels, self_scores, losses, block.group, psi,
+                               labels_as_strings(predicted), confidence,
+                               np.full(len(block), block.source or ""), extra)
+            if self.config.examples_top:
+                out.x, out.y = block.x, y
             bad = _nonfinite_rows(phi, psi, self_scores, losses)
         else:
             psi = method.query_features(block.x, y, block.ids)
             out = FeatureBlock(block.ids, psi, labels)
+            if self.config.examples_top:
+                _, outputs = G.losses_and_outputs(imodel, block.x, y)
+                out.predicted = labels_as_strings(G.predicted_labels(imodel, outputs, y)[0])
+                out.x, out.y = block.x, y
             bad = _nonfinite_rows(psi)
         if bad is not None and bad.any():
             # One example's NaN / inf gradient features must not take the job (or the scores
@@ -132,7 +146,10 @@ def _take_features(fb: FeatureBlock, keep: np.ndarray) -> FeatureBlock:
     def take(a):
         return None if a is None else np.asarray(a)[keep]
     return FeatureBlock(fb.ids[keep], take(fb.features), take(fb.labels), take(fb.self_scores),
-                        take(fb.losses), take(fb.group), take(fb.self_features))
+                        take(fb.losses), take(fb.group), take(fb.self_features),
+                        take(fb.predicted), take(fb.confidence), take(fb.partition),
+                        None if fb.extra is None else {k: take(v) for k, v in fb.extra.items()},
+                        take(fb.x), take(fb.y))
 
 
 class Featurize(beam.PTransform):

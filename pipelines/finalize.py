@@ -312,7 +312,7 @@ def finalize(facts, output: str, run_options: dict, max_bad_fraction: float, met
                         f"--max_bad_fraction={max_bad_fraction}"
                         + (f" ({reasons})" if reasons else "")
                         + f"; every rejected row is in {_join(output, 'dead_letter')}")
-    if on_disk.get("topk", 0) == 0:
+    if on_disk.get("topk", 0) == 0 and n_queries:
         problems.append("topk is empty")
     elif k is not None:
         want = n_queries * 2 * min(k, featurized)

@@ -84,7 +84,7 @@ class _FitDoFn(ModelDoFn):
             sample = final_sample(data, self.config.fit_sample_size, self.config.seed)
             log.info("fit: %s on a sample of %d examples", self.config.method, len(sample))
             y = imodel.normalize_labels(sample.y)
-            if method.needs_queries:
+            if method.needs_queries and any(len(b) for b in queries):
                 q = concat(queries)
                 q = q.take(np.argsort(q.ids, kind="stable"))
                 method.fit(sample.x, y, q.x, imodel.normalize_labels(q.y), q.ids)
@@ -100,6 +100,12 @@ class _FitDoFn(ModelDoFn):
         beam.metrics.Metrics.distribution(NAMESPACE, "fit_ms").update(int(sec * 1000))
         log.info("fit: artifact written to %s in %.1fs", self.artifact_dir, sec)
         yield self.artifact_dir
+
+
+def _reuse(guard, artifact: str) -> str:
+    check_guard(guard)
+    log.info("fit: reusing the fitted method at %s (--artifact)", artifact)
+    return artifact
 
 
 def check_guard(guard) -> None:
@@ -149,6 +155,10 @@ class FitMethod(beam.PTransform):
         config = self.config
         guard = self.guard if self.guard is not None else (
             blocks.pipeline | "NoGuard" >> beam.Create([{}]))
+        if config.artifact:
+            # --artifact: a method fitted by an earlier run (checked on the driver); the same
+            # guard still holds back every later stage.
+            return guard | "Reuse" >> beam.Map(_reuse, config.artifact)
         # Every fit path starts after the guard's checks (an all-data combiner would otherwise
         # sum Hessians over input the fit then refuses).
         blocks = blocks | "Guard" >> beam.Map(_guarded, beam.pvalue.AsSingleton(guard))

@@ -715,6 +715,25 @@ class ReadExamples(beam.PTransform):
             keys = [self.cfg[k] for k in ("x_key", "y_key", "id_key", "group_key")]
             self.shards = tfds_shards(self.rest, self.cfg["tfds_data_dir"], keys)
 
+    def partitions(self) -> List[str]:
+        """The source's partitions: the names of its files (ids and the ``partition`` column
+        use them), or its TFDS spec as one partition."""
+        if self.kind == "tfds":
+            return [self.rest]
+        return [name for _, name in self.files]
+
+    def only(self, names) -> "ReadExamples":
+        """Reads only the files named (partition names of :meth:`partitions`); ids stay those
+        of the whole source. Used by the audit's incremental runs."""
+        if self.kind == "tfds":
+            raise SourceError("a TFDS split is one partition: it cannot be read in part")
+        names = set(names)
+        unknown = names - set(self.partitions())
+        if unknown:
+            raise SourceError(f"partitions not in the source: {sorted(unknown)[:5]}")
+        self.files = [(f, n) for f, n in self.files if n in names]
+        return self
+
     def reader(self, cfg=None) -> _ReadFile:
         cls = {"npz": _ReadNpz, "parquet": _ReadParquet, "tfrecord": _ReadTFRecord,
                "tfds": _ReadTfdsShard}[self.kind]

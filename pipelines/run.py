@@ -263,13 +263,35 @@ def query_cost_warning(config: InfluenceConfig, n_queries: Optional[int],
             f"queries or a smaller --fit_sample_size also help")
 
 
+def check_artifact(config: InfluenceConfig, imodel) -> None:
+    """``--artifact``: it must load for this model (fingerprint, target layers, format) and
+    have been fitted with this run's method options."""
+    from influence_ops import artifacts
+    try:
+        manifest = artifacts.read_manifest(config.artifact)
+        artifacts.load_method_and_config(config.artifact, imodel)
+    except artifacts.ArtifactError as e:
+        raise RunError(f"--artifact: {e}") from None
+    want = config.method_options()
+    have = manifest.get("options", {})
+    differ = [f"--{k}={have.get(k)!r} (this run: {want[k]!r})" for k in sorted(want)
+              if k != "plugins" and have.get(k) != want[k]]
+    if differ:
+        raise RunError(f"--artifact {config.artifact} was fitted with other method options: "
+                       + ", ".join(differ[:6]) + "; pass the same options or drop --artifact "
+                       "to refit")
+
+
 def preflight(config: InfluenceConfig, imodel, reads: dict) -> List[str]:
     """Checks both sources against the model before anything runs; returns warnings (also
     logged) for the run manifest."""
     for role, read in reads.items():
-        check_examples(config, imodel, role, read)
+        if read is not None:
+            check_examples(config, imodel, role, read)
+    if config.artifact:
+        check_artifact(config, imodel)
     warnings = []
-    n_queries = count_rows(reads["query"])
+    n_queries = count_rows(reads["query"]) if reads.get("query") is not None else 0
     if query_cost_warning(config, n_queries):
         warnings.append(query_cost_warning(config, n_queries, count_rows(reads["train"])))
     for w in warnings:
@@ -322,9 +344,14 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
     opts = config
     out = config.output
     reads = reads or {"train": ReadExamples(config.train, config, "train"),
-                      "query": ReadExamples(config.queries, config, "query")}
+                      "query": (ReadExamples(config.queries, config, "query")
+                                if config.queries else None)}
     train, dead_read_t = p | "ReadTrain" >> reads["train"]
-    queries, dead_read_q = p | "ReadQueries" >> reads["query"]
+    if reads.get("query") is not None:
+        queries, dead_read_q = p | "ReadQueries" >> reads["query"]
+    else:  # no --queries: self-influence only
+        queries = p | "NoQueries" >> beam.Create([])
+        dead_read_q = p | "NoQueryDead" >> beam.Create([])
     counts = {"train_read_valid": _total(train, "TrainRead"),
               "query_read_valid": _total(queries, "QueryRead"),
               "dead_at_read": _total((dead_read_t, dead_read_q) | "DeadRead" >> beam.Flatten(),
@@ -350,12 +377,19 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
     counts["train_examples_featurized"] = _total(train_f, "TrainFeaturized")
     counts["query_examples_featurized"] = _total(query_f, "QueryFeaturized")
     scored = train_f | "Score" >> score.Score(query_f, opts.k, opts.write_pairwise,
-                                              opts.write_features)
+                                              opts.write_features, config.boundary_columns,
+                                              config.examples_top)
     topk, k_flag = scored.topk | "MergeTopK" >> score.MergeTopK(query_f, opts.k)
     tables = {"topk": topk, "self_influence": scored.self}
     written = {"topk": _write(topk, out, "topk", schemas.TOPK_SCHEMA),
                "self_influence": _write(scored.self, out, "self_influence",
-                                        schemas.SELF_SCHEMA)}
+                                        schemas.self_schema(config.boundary_columns))}
+    if opts.examples_top or opts.sample_rows:
+        from pipelines import examples as examples_lib
+        for name, pc in examples_lib.example_tables(config, train, scored.candidates,
+                                                    query_f).items():
+            tables[name] = pc
+            written[name] = _write(pc, out, name, schemas.EXAMPLES_SCHEMA)
     if opts.write_pairwise:
         tables["pairwise"] = scored.pairwise
         written["pairwise"] = _write(scored.pairwise, out, "pairwise", schemas.PAIRWISE_SCHEMA)
@@ -488,11 +522,13 @@ def read_manifest(output: str) -> Optional[dict]:
 
 
 def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = None,
-        wait: bool = True):
+        wait: bool = True, train_files: Optional[List[str]] = None):
     """Runs the job and returns its run manifest (plus ``metrics`` from the runner).
 
     With ``wait=False`` it returns the ``PipelineResult`` right after submission; the job still
     writes its manifest and ``_SUCCESS`` itself. Raises RunError when the result is not valid.
+    ``train_files``: read only these files of ``--train`` (their ids as in the whole source:
+    the audit's incremental runs).
     """
     opts = options or PipelineOptions(argv)
     opts.view_as(SetupOptions).save_main_session = False
@@ -507,7 +543,10 @@ def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = N
     from influence_ops.api import build_imodel
     imodel = build_imodel(config)
     reads = {"train": ReadExamples(config.train, config, "train", imodel.input_shape),
-             "query": ReadExamples(config.queries, config, "query", imodel.input_shape)}
+             "query": (ReadExamples(config.queries, config, "query", imodel.input_shape)
+                       if config.queries else None)}
+    if train_files is not None:
+        reads["train"].only(train_files)
     warnings = preflight(config, imodel, reads)
     run_id = claim_output(config.output, detached=not wait)
     detached = False

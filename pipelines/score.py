@@ -36,11 +36,31 @@ def features_table(fb: FeatureBlock, role: str):
                     schema=schemas.features_schema(k))
 
 
+def self_table(fb: FeatureBlock, boundary=()):
+    """The self-influence rows of one train feature block (``schemas.self_schema``)."""
+    import pyarrow as pa
+    from influence_ops import schemas
+    n = len(fb)
+    cols = {"train_id": fb.ids.astype(str), "score": np.asarray(fb.self_scores, np.float64),
+            "label": fb.labels.astype(str), "loss": np.asarray(fb.losses, np.float64),
+            "predicted": (fb.predicted.astype(str) if fb.predicted is not None
+                          else np.full(n, None, dtype=object)),
+            "confidence": (np.asarray(fb.confidence, np.float64) if fb.confidence is not None
+                           else np.full(n, np.nan)),
+            "partition": (fb.partition.astype(str) if fb.partition is not None
+                          else np.full(n, "", dtype=object))}
+    for name in boundary:
+        cols[name] = np.asarray((fb.extra or {})[name], np.float64)
+    return pa.table(cols, schema=schemas.self_schema(boundary))
+
+
 class _ScoreDoFn(beam.DoFn):
     """Train feature block x broadcast query features -> per-block top-k (+ optional tables)."""
 
-    def __init__(self, k: int, write_pairwise: bool, write_features: bool):
+    def __init__(self, k: int, write_pairwise: bool, write_features: bool, boundary=(),
+                 examples_top: int = 0):
         self.k, self.write_pairwise, self.write_features = k, write_pairwise, write_features
+        self.boundary, self.examples_top = tuple(boundary), examples_top
         self.count = beam.metrics.Metrics.counter(NAMESPACE, "train_examples_scored")
         self.ms = beam.metrics.Metrics.distribution(NAMESPACE, "score_block_ms")
         self._cache = None
@@ -56,14 +76,18 @@ class _ScoreDoFn(beam.DoFn):
         from influence_ops import schemas
         from influence_ops.topk import TopKAccumulator
         t = time.time()
-        qids, Q = self._queries(query_blocks)
-        S = Q @ fb.features.astype(np.float64).T  # (m, b)
-        yield TopKAccumulator(k=self.k, n_queries=len(qids)).add(S, fb.ids)
-        yield beam.pvalue.TaggedOutput("self", pa.table({
-            "train_id": fb.ids.astype(str), "score": np.asarray(fb.self_scores, np.float64),
-            "label": fb.labels.astype(str), "loss": np.asarray(fb.losses, np.float64),
-        }, schema=schemas.SELF_SCHEMA))
-        if self.write_pairwise:
+        yield beam.pvalue.TaggedOutput("self", self_table(fb, self.boundary))
+        qids = S = None
+        if query_blocks:  # no queries (--queries empty): self-influence only
+            qids, Q = self._queries(query_blocks)
+            S = Q @ fb.features.astype(np.float64).T  # (m, b)
+            yield TopKAccumulator(k=self.k, n_queries=len(qids)).add(S, fb.ids)
+        if self.examples_top:
+            from pipelines.examples import EXPLAIN_QUERIES, train_candidates
+            for c in train_candidates(fb, self.examples_top, self.k, qids,
+                                      None if S is None else S[:EXPLAIN_QUERIES]):
+                yield beam.pvalue.TaggedOutput("candidates", c)
+        if self.write_pairwise and query_blocks:
             m, b = S.shape
             yield beam.pvalue.TaggedOutput("pairwise", pa.table({
                 "query_id": np.repeat(qids.astype(str), b),
@@ -80,16 +104,19 @@ class _ScoreDoFn(beam.DoFn):
 class Score(beam.PTransform):
     """``train FeatureBlocks -> {topk partials, self tables, pairwise, features, timing}``."""
 
-    def __init__(self, query_features, k, write_pairwise=False, write_features=False):
+    def __init__(self, query_features, k, write_pairwise=False, write_features=False,
+                 boundary=(), examples_top: int = 0):
         super().__init__()
         self.query_features = query_features
         self.k, self.write_pairwise, self.write_features = k, write_pairwise, write_features
+        self.boundary, self.examples_top = tuple(boundary), examples_top
 
     def expand(self, train_features):
         return train_features | "ScoreBlocks" >> beam.ParDo(
-            _ScoreDoFn(self.k, self.write_pairwise, self.write_features),
+            _ScoreDoFn(self.k, self.write_pairwise, self.write_features, self.boundary,
+                       self.examples_top),
             beam.pvalue.AsList(self.query_features)).with_outputs(
-                "self", "pairwise", "features", TIMING, main="topk")
+                "self", "pairwise", "features", "candidates", TIMING, main="topk")
 
 
 def _topk_table(result, query_blocks):

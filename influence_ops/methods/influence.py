@@ -308,7 +308,7 @@ class FirstOrderInfluence(InfluenceMethod):
         out = {f"curvature.{k}": v for k, v in self.curvature.arrays().items()}
         if self.n_train:
             out["n_train"] = np.asarray(self.n_train, np.int64)
-        if not self.curvature.factored:
+        if not self.curvature.factored and self.Q is not None:  # None: fitted without queries
             out.update({"Q": self.Q, "query_ids": self.query_ids.astype(str)})
         return out
 
@@ -317,13 +317,15 @@ class FirstOrderInfluence(InfluenceMethod):
         self.curvature.restore({k[len(prefix):]: v for k, v in arrays.items()
                                 if k.startswith(prefix)})
         if not self.curvature.factored:
-            self.Q, self.query_ids = arrays["Q"], arrays["query_ids"]
+            self.Q, self.query_ids = arrays.get("Q"), arrays.get("query_ids")
         self.n_train = int(arrays["n_train"]) if "n_train" in arrays else None
         self.fitted = True
 
     @property
     def feature_dim(self) -> int:
-        return self.curvature.feature_dim if self.curvature.factored else len(self.query_ids)
+        if self.curvature.factored:
+            return self.curvature.feature_dim
+        return 0 if self.query_ids is None else len(self.query_ids)
 
 
 @register_method("relatif")
