@@ -126,15 +126,42 @@ def _is_tf_error(e) -> bool:
     return mod.startswith("tensorflow") and type(e).__name__.endswith("Error")
 
 
+def _audit_summary(m: dict) -> None:
+    c = m["counts"]
+    print(f"audit {m['run_id']}: {c['rows']} training examples ranked ({c['scored_now']} "
+          f"scored now, {c['carried']} carried over), fitted method "
+          f"{'reused' if m['artifact']['reused'] else 'fitted'} ({m['artifact']['key']}); "
+          f"{m['path']}")
+    check = m.get("spot_check") or {}
+    if check.get("pearson") is not None:
+        print(f"spot check: {check['n']} top examples retrained without: Pearson "
+              f"{check['pearson']:.3f}, signs agree {check['sign_agreement']:.0%}")
+    if m.get("report"):
+        print(f"report: {m['report']}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    audit = bool(argv) and argv[0] == "audit"
+    if audit:
+        argv = argv[1:]
     if "-h" in argv or "--help" in argv:
-        parser().print_help()
+        if audit:
+            from pipelines.audit import parser as audit_parser
+            audit_parser().print_help()
+        else:
+            parser().print_help()
+            print("\nSubcommand: beam-influence audit --audit_root=... (a scheduled data "
+                  "audit; see beam-influence audit --help)")
         return 0
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
     setup_logging(verbose=verbose)
     try:
+        if audit:
+            from pipelines.audit import audit as run_audit
+            _audit_summary(run_audit(argv))
+            return 0
         manifest = run_lib.run(argv)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (no _SUCCESS written)", file=sys.stderr)

@@ -3,8 +3,8 @@
 ``--examples_top=N`` writes ``examples/``: the raw inputs (with given and predicted labels) of
 the N training examples of highest self-influence, of the first ``EXPLAIN_QUERIES`` queries
 (in id order) and of their top-k proponents and opponents. ``--sample_rows=S`` writes
-``sample/``: the S training rows with the smallest id hash (``fit.uniform_from_ids`` with
-``--seed``).
+``sample/``: the S training rows with the smallest id hash
+(``influence_ops.audit.uniform_from_ids`` with ``--seed``).
 
 Selections are made without side inputs over the raw data (a side input computed from the
 scores would make the raw blocks wait for their own scores): each block offers candidates
@@ -94,7 +94,7 @@ class _Sample(ModelDoFn):
     def process(self, block: Block):
         from influence_ops import gradients as G
         from influence_ops.schemas import examples_table, labels_as_strings
-        from pipelines.fit import uniform_from_ids
+        from influence_ops.audit import uniform_from_ids
         imodel = self.loaded().imodel
         u = uniform_from_ids(block.ids, self.config.seed)
         keep = np.sort(np.argsort(u, kind="stable")[:self.size])

@@ -11,24 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from typing import List
 
 import apache_beam as beam
 import numpy as np
 
+from influence_ops.audit import uniform_from_ids
 from pipelines.blocks import Block, concat
 from pipelines.combine import BeamCombineFn
 from pipelines.constants import NAMESPACE
 from pipelines.worker import ModelDoFn, acquire, configure_worker
 
 log = logging.getLogger(__name__)
-
-
-def uniform_from_ids(ids: np.ndarray, seed: int) -> np.ndarray:
-    """A deterministic U(0,1) draw per example id (stable sampling across runners)."""
-    return np.array([zlib.crc32(f"{seed}:{i}".encode()) for i in ids.tolist()],
-                    dtype=np.float64) / 2.0 ** 32
 
 
 class _SampleRows(beam.DoFn):
