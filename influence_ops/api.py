@@ -220,3 +220,19 @@ class InfluenceCalculator:
         table = schemas.topk_table(qids, res)
         pq.write_table(table, path)
         return path
+
+    def audit(self, train, ids=None, queries=None, query_ids=None, k: int = 10,
+              spot_check: int = 8, spot_check_rows: int = 2000, boundary=(), top: int = 24,
+              output_dir: Optional[str] = None, noisy_ids=None, image_shape=None) -> dict:
+        """A data audit of ``train`` with the fitted method (see :mod:`influence_ops.audit`):
+        ``{"ranking": table (rank 1 = highest self-influence: train_id, score, loss, label,
+        predicted, confidence, [boundary columns]), "explain": top-k table of ``queries`` or
+        None, "spot_check": {"rows", "pearson", "sign_agreement", "drift", ...} or None,
+        "spectrum": eigenvalues or None}``. ``boundary``: ``("sample_boundary",
+        "weights_boundary")`` or a subset. ``output_dir``: also write the run folder and its
+        HTML report there (``result["report"]``); ``noisy_ids`` adds the detection curve."""
+        from influence_ops import audit as audit_lib
+        x, y = as_arrays(train)
+        return audit_lib.in_memory(self, x, y, ids, queries, query_ids, k, spot_check,
+                                   spot_check_rows, tuple(boundary), top, output_dir,
+                                   noisy_ids, image_shape)

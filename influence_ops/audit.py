@@ -14,9 +14,9 @@ here:
 * :func:`merge_topk`: the "explain" queries' proponents and opponents, merged the same way
   (the k best of a union are among the k best of its parts).
 * :func:`merge_sample`: the spot check's objective rows, the S smallest id hashes.
-* :func:`spot_check`: for a few top-ranked examples, refit the target layers without each of
-  them (warm start, L-BFGS to convergence on the objective ``(1/n) sum_j w_j l_j + 1/2
-  theta^T diag(l2) theta``, the removed example's weight set to 0 and ``n`` kept: the sum
+* :func:`retrain_check` (the spot check): for a few top-ranked examples, refit the target
+  layers without each of them (warm start, L-BFGS to convergence on the objective
+  ``(1/n) sum_j w_j l_j + 1/2 theta^T diag(l2) theta``, the removed example's weight set to 0 and ``n`` kept: the sum
   form influence functions linearise) and compare the predicted change of the example's own
   loss, ``score / n``, with the actual change. Pearson and sign agreement over the checked
   examples say how far to trust the ranking; ``drift`` says how far the model's weights are
@@ -237,7 +237,7 @@ def refit(f, theta0: np.ndarray, weights: np.ndarray, tol: float = 1e-10,
     return res.x, bool(res.success or gnorm < 1e-5)
 
 
-def spot_check(imodel, x, y, ids, check_ids, scores, max_iter: int = 2000) -> Dict:
+def retrain_check(imodel, x, y, ids, check_ids, scores, max_iter: int = 2000) -> Dict:
     """Predicted (``score / n``) against actual change of each checked example's own loss when
     the target layers are refitted without it; ``x, y, ids`` are the objective's rows (they
     must include ``check_ids``), ``scores`` the self-influence of ``check_ids``.
@@ -302,3 +302,107 @@ def spectrum(method, limit: int = 512) -> Optional[List[float]]:
         if lam is not None:
             return [float(v) for v in np.sort(np.asarray(lam, np.float64))[::-1][:limit]]
     return None
+
+
+# ------------------------------------------------------------------ the notebook's audit
+
+def write_table(table: pa.Table, folder: str, name: str = "part-00000.parquet") -> None:
+    """One Parquet file under ``folder`` (local or gs://), written atomically."""
+    import io
+    import pyarrow.parquet as pq
+    from influence_ops import storage
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_atomic(storage.join(folder, name), buf.getvalue())
+
+
+def in_memory(calc, x, y, ids=None, queries=None, query_ids=None, k: int = 10,
+              spot_check: int = 8, spot_check_rows: int = 2000, boundary=(), top: int = 24,
+              output_dir: Optional[str] = None, noisy_ids=None, image_shape=None,
+              explain_queries: int = 16) -> Dict:
+    """The audit of in-memory arrays with a fitted :class:`InfluenceCalculator` (its
+    ``audit`` method): the ranking, the explain lists, the spot check and the spectrum;
+    with ``output_dir`` also the run folder the report reads (and the report)."""
+    import datetime
+    import json
+    from influence_ops import gradients as G
+    from influence_ops import schemas, storage
+    from influence_ops.api import as_arrays, default_ids
+    t0 = time.time()
+    imodel = calc.imodel
+    x, y = np.asarray(x), np.asarray(y)
+    ids = default_ids(len(x)) if ids is None else np.asarray(ids).astype(str)
+    yn = imodel.normalize_labels(y)
+    scores = np.asarray(calc.self_influence((x, y)), np.float64)
+    losses, outputs = G.losses_and_outputs(imodel, x, yn)
+    predicted, confidence = G.predicted_labels(imodel, outputs, yn)
+    cols = {"train_id": ids, "partition": np.full(len(x), "notebook"), "score": scores,
+            "loss": np.asarray(losses, np.float64), "label": schemas.labels_as_strings(yn),
+            "predicted": schemas.labels_as_strings(predicted),
+            "confidence": np.asarray(confidence, np.float64)}
+    if boundary:
+        from influence_ops import boundary as B
+        for name in boundary:
+            cols[name] = np.asarray(getattr(B, name)(imodel, x), np.float64)
+    ranking = rank_table(pa.table(cols), scored_in="notebook")
+    explain = qx = qy = qids = None
+    if queries is not None:
+        qx, qy = as_arrays(queries)
+        qids = (default_ids(len(qx), "query") if query_ids is None
+                else np.asarray(query_ids).astype(str))
+        res = calc.top_k((qx, qy), (x, y), k=k, train_ids=ids, query_ids=qids)
+        explain = merge_topk([schemas.topk_table(qids, res)], k)
+    check = None
+    order = np.asarray(ranking.column("train_id").to_pylist(), dtype=str)
+    if spot_check:
+        pos = {i: j for j, i in enumerate(ids)}
+        checked = list(order[:spot_check])
+        u = uniform_from_ids(ids, calc.config.seed)
+        rows = set(np.argsort(u, kind="stable")[:spot_check_rows].tolist())
+        rows |= {pos[c] for c in checked}
+        rows = np.array(sorted(rows))
+        s_of = dict(zip(ids, scores))
+        check = retrain_check(imodel, x[rows], y[rows], ids[rows], checked,
+                           [s_of[c] for c in checked])
+    result = {"ranking": ranking, "explain": explain, "spot_check": check,
+              "spectrum": spectrum(calc.method)}
+    if output_dir:
+        write_table(ranking, storage.join(output_dir, "audit"))
+        if explain is not None:
+            write_table(explain, storage.join(output_dir, "explain"))
+        want = list(order[:top])
+        if explain is not None:
+            first = sorted(set(explain.column("query_id").to_pylist()))[:explain_queries]
+            listed = np.isin(np.asarray(explain.column("query_id").to_pylist(), dtype=str),
+                             np.asarray(first, dtype=str))
+            want += list(np.asarray(explain.column("train_id").to_pylist(), dtype=str)[listed])
+        pick = np.flatnonzero(np.isin(ids, np.asarray(sorted(set(want)), dtype=str)))
+        parts = [schemas.examples_table(ids[pick], "train", x[pick], yn[pick],
+                                        schemas.labels_as_strings(yn[pick]),
+                                        schemas.labels_as_strings(predicted[pick]))]
+        if explain is not None:
+            qpick = np.flatnonzero(np.isin(qids, np.asarray(first, dtype=str)))
+            qyn = imodel.normalize_labels(qy[qpick])
+            _, qout = G.losses_and_outputs(imodel, qx[qpick], qyn)
+            qpred, _ = G.predicted_labels(imodel, qout, qyn)
+            parts.append(schemas.examples_table(qids[qpick], "query", qx[qpick], qyn,
+                                                schemas.labels_as_strings(qyn),
+                                                schemas.labels_as_strings(qpred)))
+        write_table(pa.concat_tables(parts), storage.join(output_dir, "examples"))
+        manifest = {
+            "run_id": "notebook", "created": datetime.datetime.now(
+                datetime.timezone.utc).isoformat(),
+            "model": {"path": None, "fingerprint": imodel.fingerprint()},
+            "method": {"method": calc.config.method, "solver": getattr(calc.method, "solver",
+                                                                        None)},
+            "artifact": {"key": None, "path": None, "reused": False, "fit_seconds": None},
+            "partitions": {"scored": ["notebook"], "carried": []},
+            "counts": {"rows": ranking.num_rows, "scored_now": ranking.num_rows, "carried": 0},
+            "display": {"image_shape": list(image_shape) if image_shape else None},
+            "spot_check": check, "spectrum": result["spectrum"],
+            "seconds": round(time.time() - t0, 3)}
+        storage.write_atomic(storage.join(output_dir, "audit_manifest.json"),
+                             json.dumps(manifest, indent=2, default=str).encode())
+        from pipelines import report
+        result["report"] = report.write_report(output_dir, noisy_ids=noisy_ids)
+    return result

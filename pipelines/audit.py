@@ -66,6 +66,7 @@ CARRY_OPTIONS = ("k", "boundary", "examples_top", "sample_rows", "correction", "
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="beam-influence audit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # job flags pass through: --k must not match --known_noisy
         description="Scheduled data audit: self-influence of every training example (most "
                     "likely mislabeled first), optional explain queries, a spot check by "
                     "retraining, and an HTML report, under --audit_root/runs/<run_id>/. Other "
@@ -263,9 +264,11 @@ def audit(argv: Optional[List[str]] = None) -> dict:
     if previous and previous["run_id"] == run_id:  # --replace: compare with what it carried
         prev_dir = previous.get("previous_path")
         previous = _json(storage.join(prev_dir, MANIFEST)) if prev_dir else None
-    p = plan(previous, key, parts, queries, carry_opts, args.full or not reuse)
-    if not reuse and not args.full and previous is not None and p["why_full"] == "--full":
-        p["why_full"] = "no fitted method stored for this model and options (fit needed)"
+    p = plan(previous, key, parts, queries, carry_opts, args.full)
+    if not reuse and not p["why_full"]:
+        p = {"score": sorted(parts), "carry": [],
+             "why_full": "--refit" if args.refit else "no fitted method stored for this model "
+                                                        "and options (fit needed)"}
     if read_t.kind == "tfds" and p["carry"]:
         p = {"score": sorted(parts), "carry": [], "why_full": "a TFDS split is one partition"}
     log.info("audit %s: %s; scoring %d partition(s), carrying %d%s", run_id,
@@ -404,7 +407,7 @@ def _spot_check(imodel, ranking, examples, sample, r: int) -> Optional[dict]:
         y = y[:, 0]
     scores = dict(zip(top_ids, ranking.column("score").to_pylist()))
     try:
-        return A.spot_check(imodel, x, y, ids, check, [scores[c] for c in check])
+        return A.retrain_check(imodel, x, y, ids, check, [scores[c] for c in check])
     except Exception as e:  # noqa: BLE001 - the audit's result stands without its check
         log.warning("spot check failed: %s", e)
         return {"error": f"{type(e).__name__}: {e}", "rows": [], "n": 0}
