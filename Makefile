@@ -37,7 +37,7 @@ bench-lds: $(STAMP)
 	$(PY) benchmarks/lds.py
 
 # Flipped-label detection by every method's self-influence and the baselines, with an SVG of
-# the detection curves in out/: ~2-3 minutes on 2 cores.
+# the detection curves in out/: ~2.5-3.5 minutes on 2 cores (cg and lissa take most of it).
 bench-mislabel: $(STAMP)
 	$(PY) benchmarks/mislabel.py --plot out/mislabel_curves.svg
 

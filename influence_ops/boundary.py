@@ -295,7 +295,10 @@ def _deepfool(with_jacobian, logits_only, state, dim: int, max_iter: int, oversh
     return distance, perturbation
 
 
-def _check_args(max_iter, overshoot, batch_size):
+def _check_args(imodel, max_iter, overshoot, batch_size):
+    if not isinstance(imodel, InfluenceModel):
+        raise ValueError(f"expected an InfluenceModel, got {type(imodel).__name__}: wrap a Keras "
+                         "model as InfluenceModel(model, target_layers=..., loss=...)")
     if int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if not overshoot >= 0:
@@ -327,7 +330,7 @@ def sample_boundary(imodel: InfluenceModel, x, max_iter: int = 50, overshoot: fl
     ``return_perturbation``: also return the perturbations ``r`` (x's shape; ``x + r`` is
     just across the boundary; NaN rows where nothing flipped).
     """
-    _check_args(max_iter, overshoot, batch_size)
+    _check_args(imodel, max_iter, overshoot, batch_size)
     x = _inputs(imodel, x)
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"sample_boundary needs continuous (floating) inputs, got {x.dtype}: "
@@ -369,7 +372,7 @@ def weights_boundary(imodel: InfluenceModel, x, max_iter: int = 50, overshoot: f
     :meth:`InfluenceModel.get_flat_params` (``theta + delta_i`` is just across example i's
     boundary; NaN rows where nothing flipped).
     """
-    _check_args(max_iter, overshoot, batch_size)
+    _check_args(imodel, max_iter, overshoot, batch_size)
     logits = _weight_logits_fn(imodel)
     x = _inputs(imodel, x)
     with_jac, only = _compiled(imodel, "boundary_weights", logits)

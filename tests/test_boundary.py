@@ -161,6 +161,8 @@ def test_refusals_name_the_problem():
     imodel = InfluenceModel(_mlp())
     with pytest.raises(ValueError, match="max_iter"):
         sample_boundary(imodel, _points(2, 4), max_iter=0)
+    with pytest.raises(ValueError, match="expected an InfluenceModel"):
+        weights_boundary(_mlp(), _points(2, 4))
     with pytest.raises(ValueError, match="integer features"):
         sample_boundary(imodel, np.ones((2, 4), dtype=np.int64))
 
