@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench bench-lds docs clean
+.PHONY: venv demo test test-all bench bench-lds bench-mislabel docs clean
 
 # CPU TensorFlow for CI and laptops (no multi-GB CUDA wheels); the GPU build belongs in the
 # worker container (deploy/). The project itself installs without re-resolving its deps.
@@ -35,6 +35,11 @@ bench: $(STAMP)
 # Ranking quality against retraining (LDS), full size: ~1.5-3 minutes on 2 cores.
 bench-lds: $(STAMP)
 	$(PY) benchmarks/lds.py
+
+# Flipped-label detection by every method's self-influence and the baselines, with an SVG of
+# the detection curves in out/: ~2.5-3.5 minutes on 2 cores (cg and lissa take most of it).
+bench-mislabel: $(STAMP)
+	$(PY) benchmarks/mislabel.py --plot out/mislabel_curves.svg
 
 docs: $(STAMP)
 	$(PY) -m pipelines.options --update-readme > docs/options.md

@@ -168,6 +168,18 @@ class InfluenceCalculator:
         with self._corrected(correction):
             return self.method.influence_vectors(x, y)
 
+    def sample_boundary(self, data) -> np.ndarray:
+        """``(n,)`` input-space distances to the decision boundary (no fit needed; inf: no
+        boundary found), see :func:`influence_ops.boundary.sample_boundary`."""
+        from influence_ops import boundary
+        return boundary.sample_boundary(self.imodel, as_arrays(data)[0])
+
+    def weights_boundary(self, data) -> np.ndarray:
+        """``(n,)`` norms of the smallest target-weight change flipping each prediction, see
+        :func:`influence_ops.boundary.weights_boundary`."""
+        from influence_ops import boundary
+        return boundary.weights_boundary(self.imodel, as_arrays(data)[0])
+
     def group_influence(self, queries, train, group_ids, order=1, query_ids=None):
         """``(groups, scores (m, G))``; first order also returns group self-influence.
 
