@@ -477,7 +477,7 @@ def _suspicious(top_rows: List[dict], renderer: ExampleRenderer, run_id, top: in
     bounds = [c for c in BOUNDARY_COLUMNS if c in top_rows[0]]
     show_scored_in = "scored_in" in top_rows[0] and any(
         r.get("scored_in") not in (None, run_id) for r in top_rows)
-    head = ["rank", "example", "train id", "given", "predicted", "confidence",
+    head = ["rank", "example", "train id", "given → predicted", "confidence",
             "self-influence", "loss", "partition"] + [b.replace("_", " ") for b in bounds]
     if show_scored_in:
         head.append("scored in")
@@ -485,12 +485,11 @@ def _suspicious(top_rows: List[dict], renderer: ExampleRenderer, run_id, top: in
     for r in top_rows:
         disagree = str(r["label"]) != str(r["predicted"])
         cells = [
-            str(int(r["rank"])),
+            f'<span class="rank">{int(r["rank"])}</span>',
             renderer.html(r["train_id"], "train",
                           f"given {r['label']}, predicted {r['predicted']}"),
             f"<code>{esc(r['train_id'])}</code>",
-            f"<strong>{esc(r['label'])}</strong>",
-            esc(r["predicted"]),
+            f"<strong>{esc(r['label'])}</strong> → {esc(r['predicted'])}",
             fmt(r["confidence"], 3),
             fmt(r["score"]),
             fmt(r["loss"]),
@@ -507,9 +506,8 @@ def _suspicious(top_rows: List[dict], renderer: ExampleRenderer, run_id, top: in
              "label than the one given (highlighted): likely mislabeled. The others are "
              "atypical or ambiguous examples worth a look.</p>")
     if bounds:
-        intro += ("<p class=\"muted\">Boundary columns: the score an example needs to enter "
-                  "this ranking's top under the sample and under the weights' uncertainty "
-                  "(∞: no boundary).</p>")
+        intro += ("<p class=\"muted\">The boundary columns are shown as the audit wrote "
+                  "them (∞: unbounded).</p>")
     table = ("<div class=\"scroll\"><table class=\"ranked\">\n<thead><tr>" +
              "".join(f"<th>{h}</th>" for h in head) + "</tr></thead>\n<tbody>\n" +
              "\n".join(out) + "\n</tbody></table></div>")
@@ -550,7 +548,7 @@ def _explain(explain: Optional[List[dict]], renderer: ExampleRenderer) -> str:
         blocks.append(f'<div class="query"><h3>Query <code>{esc(qid)}</code></h3>'
                       f'<div class="query-row"><div class="card query-card">'
                       f'{renderer.html(qid, "query")}<div class="caption">{qdesc}</div></div>'
-                      + "".join(lists) + "</div></div>")
+                      f'<div class="lists">{"".join(lists)}</div></div></div>')
     return _section("explain", "Explained predictions", "\n".join(blocks))
 
 
@@ -649,7 +647,7 @@ nav { position: sticky; top:0; z-index:1; background:var(--bg); border-bottom:1p
       padding:.4rem 2rem; }
 nav a { margin-right:1.1rem; color:var(--accent); text-decoration:none; font-weight:500; }
 nav a:hover { text-decoration:underline; }
-main { max-width: 1200px; padding: 0 2rem 3rem; }
+main { max-width: 1280px; padding: 0 2rem 3rem; }
 section { padding-top: 1rem; border-bottom:1px solid var(--line); padding-bottom:1.2rem; }
 h2 { font-size:1.25rem; margin:.6rem 0; }
 h3 { font-size:1.05rem; margin:1rem 0 .4rem; }
@@ -668,19 +666,26 @@ svg.plot { width:100%; max-width: 980px; height:auto; }
 .pair figure { flex: 0 1 520px; }
 .scroll { overflow-x:auto; }
 table { border-collapse: collapse; font-size:14px; }
-th, td { border-bottom:1px solid var(--line); padding:.3rem .6rem; text-align:left;
+th, td { border-bottom:1px solid var(--line); padding:.3rem .5rem; text-align:left;
          vertical-align: middle; }
-th { background:var(--soft); font-weight:600; white-space:nowrap; }
+th { background:var(--soft); font-weight:600; }
 td { font-variant-numeric: tabular-nums; }
+td code { word-break: normal; overflow-wrap: anywhere; background: none; }
+td:nth-child(3) { min-width: 8em; max-width: 18em; }
+td:nth-child(8) { white-space: nowrap; }
+.rank { font-weight: 600; }
 tr.disagree td { background: var(--bad); }
 img.example { image-rendering: pixelated; image-rendering: crisp-edges; display:block;
-              width: 96px; height: auto; border:1px solid var(--line); background:#000; }
+              width: 72px; height: auto; border:1px solid var(--line); background:#000; }
+.card img.example { width: 84px; }
 code.features { white-space: nowrap; }
 .missing { color:var(--muted); font-style: italic; font-size: 13px; }
 .query { margin: .8rem 0 1.2rem; }
-.query-row { display:flex; flex-wrap:wrap; gap:1.4rem; align-items:flex-start; }
+.query-row { display:grid; grid-template-columns: max-content 1fr; gap:1.4rem;
+             align-items:start; }
+.lists { display:flex; flex-direction:column; gap:.6rem; }
 .cards { display:flex; flex-wrap:wrap; gap:.6rem; }
-.card { width: 120px; font-size: 12px; }
+.card { width: 104px; font-size: 12px; line-height: 1.35; }
 .card .caption { margin-top:.2rem; color:var(--muted); }
 .card code { font-size: 11px; }
 .query-card { padding:.4rem; border:2px solid var(--accent); border-radius:4px; width:auto; }
