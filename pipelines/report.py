@@ -557,8 +557,8 @@ def _spectrum(manifest: dict) -> str:
     if not spectrum:
         return _section("spectrum", "Curvature spectrum",
                         "<p>The curvature model of this run has no eigenvalues to show "
-                        f"(solver {esc((manifest.get('method') or {}).get('solver'))}: "
-                        "not an eigendecomposition).</p>")
+                        f"(solver {esc((manifest.get('method') or {}).get('solver'))}); "
+                        "the manifest records a spectrum only for eigendecompositions.</p>")
     ev = np.asarray(spectrum, dtype=np.float64)
     pos = ev[ev > 0]
     cond = (f", ratio largest / smallest positive {fmt(pos.max() / pos.min(), 3)}"

@@ -32,6 +32,7 @@ from tests.helpers import keras, tf  # noqa: F401 - TensorFlow set up as in the 
 
 from influence_ops import InfluenceCalculator, schemas
 from pipelines import report
+from tests.test_gcs import gcs  # noqa: F401 - the GCS emulator fixture
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ID = "audit-2026-11-30T02-00"
@@ -286,6 +287,26 @@ def test_sections_escaping_images_and_detection(image_run):
     assert "<svg" in spec and "170 eigenvalues" in spec     # 16*10 + 10 target weights
     spot = page[page.index('<section id="spot-check">'):page.index('<section id="detection">')]
     assert "<svg" in spot and "Pearson" in spot and "y = x" in spot
+    dist = page[page.index('<section id="distribution">'):page.index('<section id="suspic')]
+    assert "self-influence (log scale)" in dist      # real scores span four decades
+
+
+def test_image_layouts_and_pngs():
+    from PIL import Image
+    layout = report.image_layout
+    assert layout([8, 8], None) == (8, 8)
+    assert layout([8, 8, 1], None) == (8, 8, 1) and layout([5, 6, 3], None) == (5, 6, 3)
+    assert layout([3, 5, 6], None) == ("chw", 3, 5, 6)
+    assert layout([64], [8, 8]) == (8, 8)                 # display.image_shape: flat inputs
+    assert layout([48], [4, 4, 3]) == (4, 4, 3)
+    for shape, display in (([64], None), ([20], [8, 8]), ([1, 7], None), ([8, 8, 2], None)):
+        assert layout(shape, display) is None, shape      # drawn as a table of values
+    rgb = np.random.default_rng(0).random((3, 5, 6)).astype(np.float32)
+    uri = report.png_data_uri(rgb.reshape(-1), layout([3, 5, 6], None), (0.0, 1.0))
+    import base64
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+        assert im.mode == "RGB" and im.size == (6 * 16, 5 * 16)   # nearest-neighbour x16
+        assert im.getpixel((0, 0)) == tuple(round(v * 255) for v in rgb[:, 0, 0])
 
 
 def test_without_noisy_ids_no_detection_section(image_run):
@@ -338,6 +359,21 @@ def test_cli(image_run, tmp_path, capsys):
     assert "(1 given id(s) are not in this audit)" in page
     assert report.main([str(tmp_path / "nothing")]) == 2
     assert "is not an audit run directory" in capsys.readouterr().err
+
+
+def test_run_directory_on_gcs(gcs, image_run):  # noqa: F811 - gcs is the fixture
+    """The same run read from and written to ``gs://`` (the local GCS emulator)."""
+    from influence_ops import storage
+    run, facts = image_run
+    remote = f"{gcs}/audits/run-1"
+    for f in sorted(run.rglob("*")):
+        if f.is_file() and "report" not in f.parts:
+            storage.write_atomic(storage.join(remote, str(f.relative_to(run))), f.read_bytes())
+    path = report.write_report(remote, noisy_ids=facts["noisy"][:5], top=TOP)
+    assert path == f"{remote}/report/index.html"
+    d = parse(storage.read_text(path))
+    assert d.sections == list(ALL_SECTIONS)
+    assert len(d.imgs) == expected_images(run)
 
 
 # ------------------------------------------------------------------------------ Chromium
