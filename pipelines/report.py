@@ -751,6 +751,17 @@ nothing from the network.</footer>
 """
 
 
+def _readable(path: str) -> None:
+    """The atomic write's temporary file is private (0600); a report is for reading: give a
+    local one the usual mode (0644 less the umask)."""
+    import os
+    from pipelines.finalize import _local, is_local
+    if is_local(path):
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(_local(path), 0o644 & ~umask)
+
+
 def write_report(run_dir: str, noisy_ids=None, title: str = None, top: int = 24) -> str:
     """Writes ``RUN/report/index.html`` from the audit run directory ``run_dir`` (local or
     ``gs://``) and returns its path.
@@ -772,6 +783,7 @@ def write_report(run_dir: str, noisy_ids=None, title: str = None, top: int = 24)
                        audit_files=len(audit_paths))
     path = _join(run_dir, "report", "index.html")
     write_atomic(path, page.encode("utf-8"))
+    _readable(path)
     log.info("report: wrote %s (%d bytes)", path, len(page))
     return path
 

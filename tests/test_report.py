@@ -261,6 +261,9 @@ def test_sections_escaping_images_and_detection(image_run):
     path = report.write_report(str(run), noisy_ids=facts["noisy"], top=TOP)
     print(f"write_report (images, with detection): {time.perf_counter() - t0:.2f} s")
     assert path == str(run / "report" / "index.html")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644 & ~umask   # not the temporary file's 0600
     page = Path(path).read_text()
     d = parse(page)
     assert d.sections == list(ALL_SECTIONS)
