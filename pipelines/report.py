@@ -199,10 +199,11 @@ def _svg(fig) -> str:
     text = buf.getvalue()
     text = text[text.index("<svg"):]
     text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
-    # Scale with the page: drop the fixed size in pt, keep the viewBox.
-    text = re.sub(r'^<svg([^>]*?) width="[^"]*" height="[^"]*"',
-                  r'<svg\1 class="plot" role="img"', text, count=1)
-    return text
+    # Natural size in CSS pixels (1 pt = 4/3 px), shrunk by CSS on narrow pages.
+    def px(m):
+        w, h = (float(v) * 4 / 3 for v in m.group(2, 3))
+        return f'<svg{m.group(1)} width="{w:.0f}" height="{h:.0f}" class="plot" role="img"'
+    return re.sub(r'^<svg([^>]*?) width="([\d.]+)pt" height="([\d.]+)pt"', px, text, count=1)
 
 
 def _figure(ncols: int = 1, width: float = 6.4, height: float = 3.6):
@@ -596,7 +597,8 @@ def _spot_check(manifest: dict) -> str:
              f'<dt>time</dt><dd>{fmt(sc.get("seconds"), 3)} s</dd></dl>')
     fig = f"<figure>{spot_check_plot(pred, act)}</figure>" if len(pts) else \
         "<p class=\"muted\">The spot check lists no rows.</p>"
-    return _section("spot-check", "Spot check against refitting", text + facts + fig)
+    return _section("spot-check", "Spot check against refitting",
+                    text + f'<div class="pair">{fig}{facts}</div>')
 
 
 def _detection(rows: dict, noisy_ids: Sequence[str]) -> str:
@@ -661,7 +663,7 @@ dl.facts { display:grid; grid-template-columns: max-content 1fr; gap:.25rem 1.2r
 dl.facts dt { color:var(--muted); }
 dl.facts dd { margin:0; }
 figure { margin: .6rem 0; }
-svg.plot { width:100%; max-width: 980px; height:auto; }
+svg.plot { max-width:100%; height:auto; }
 .pair { display:flex; flex-wrap:wrap; gap:1.5rem; align-items:flex-start; }
 .pair figure { flex: 0 1 520px; }
 .scroll { overflow-x:auto; }
