@@ -188,7 +188,7 @@ _FIG_COUNTER = [0]
 
 def _svg(fig) -> str:
     """A matplotlib figure as inline SVG: text as text (no glyph definitions), ids unique
-    to this figure, no XML prologue, DOCTYPE or metadata (nothing that names a URL)."""
+    on the page, no XML prologue, DOCTYPE or metadata (nothing that names a URL)."""
     import matplotlib
     _FIG_COUNTER[0] += 1
     buf = io.StringIO()
@@ -199,6 +199,12 @@ def _svg(fig) -> str:
     text = buf.getvalue()
     text = text[text.index("<svg"):]
     text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
+    # matplotlib numbers its element ids per figure (figure_1, axes_1, ...): prefix every id
+    # and every reference to one, so that several figures on one page never clash.
+    prefix = f"fig{_FIG_COUNTER[0]}-"
+    text = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}{m.group(1)}"', text)
+    text = re.sub(r'(href="#|url\(#)([^")]+)', lambda m: m.group(1) + prefix + m.group(2),
+                  text)
     # Natural size in CSS pixels (1 pt = 4/3 px), shrunk by CSS on narrow pages.
     def px(m):
         w, h = (float(v) * 4 / 3 for v in m.group(2, 3))
@@ -235,6 +241,7 @@ def distribution_plot(score: np.ndarray, loss: np.ndarray, cutoff: Optional[floa
         bins = 50
     ax.hist(s, bins=bins, color="#4c72b0")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)  # a bin of one example stays visible on the log axis
     ax.set_xlabel("self-influence" + (" (log scale)" if log_x else ""))
     ax.set_ylabel("training examples (log scale)")
     ax.set_title("Self-influence of every training example")

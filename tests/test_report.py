@@ -210,13 +210,13 @@ def tabular_run(tmp_path_factory):
 class _Dom(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
-        self.ids, self.sections, self.links, self.srcs, self.imgs = set(), [], [], [], []
+        self.ids, self.sections, self.links, self.srcs, self.imgs = [], [], [], [], []
         self.body, self.scripts, self.text = {}, 0, []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if "id" in a:
-            self.ids.add(a["id"])
+            self.ids.append(a["id"])
         if tag == "section":
             self.sections.append(a.get("id"))
         if tag == "body":
@@ -421,6 +421,8 @@ def test_report_in_headless_chromium(image_run, tmp_path):
     assert int(total) == expected_images(run) > 0
     assert int(broken) == 0
     assert EVIL_ID in d.text and d.scripts == 1
+    dupes = sorted({i for i in d.ids if d.ids.count(i) > 1})
+    assert not dupes, f"duplicate element ids (the inline SVGs must not clash): {dupes[:5]}"
     # No broken links: in-page anchors exist, relative files exist; nothing from the network.
     for link in d.links:
         assert not re.match(r"(?i)^\s*(https?:)?//", link), f"external link {link}"
