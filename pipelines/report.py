@@ -666,7 +666,8 @@ code { font: 13px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
        background:var(--soft); padding:0 .25em; border-radius:3px; word-break: break-all; }
 .muted { color:var(--muted); }
 .warning { color:var(--warn); }
-dl.facts { display:grid; grid-template-columns: max-content 1fr; gap:.25rem 1.2rem; margin:.4rem 0; }
+dl.facts { display:grid; grid-template-columns: max-content 1fr; gap:.25rem 1.2rem;
+           margin:.4rem 0; }
 dl.facts dt { color:var(--muted); }
 dl.facts dd { margin:0; }
 figure { margin: .6rem 0; }

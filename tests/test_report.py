@@ -401,7 +401,7 @@ def run_chromium(binary, *args, timeout=60):
     return proc.stdout, seconds
 
 
-def test_report_in_headless_chromium(image_run, tmp_path):
+def test_report_in_headless_chromium(request, tmp_path):
     binary = find_chromium()
     if binary is None:
         reason = ("no Chromium found (chromium, chromium-browser, google-chrome or env "
@@ -409,7 +409,7 @@ def test_report_in_headless_chromium(image_run, tmp_path):
         if os.environ.get("REQUIRE_CHROMIUM") == "1":
             pytest.fail(reason + " and REQUIRE_CHROMIUM=1")
         pytest.skip(reason)
-    run, facts = image_run
+    run, facts = request.getfixturevalue("image_run")  # trained only when Chromium is here
     path = Path(report.write_report(str(run), noisy_ids=facts["noisy"], top=TOP))
     url = path.resolve().as_uri()
 
