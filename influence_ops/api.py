@@ -409,6 +409,74 @@ class InfluenceCalculator:
             yield ids_of(start, len(x)), v
             start += len(x)
 
+    def group_influence_vectors(self, train, group_ids, order=1,
+                                batch_size: Optional[int] = None):
+        """``(groups, V (G, d))``: one vector per group whose inner product with a query's
+        gradient ``g_test`` is the group's score of :meth:`group_influence` of that order.
+
+        ``order=1``: ``V_U = (H + damping)^-1 sum_{i in U} g_i`` (RelatIF: the sum of the
+        members' normalised solutions), streamed over the training batches (``group_ids`` is
+        an array aligned with the training rows; memory ``O(G d)``). ``order=2``:
+        ``v_U`` of Basu et al. (2020) (:func:`influence_ops.groups.combine_second_order`; the
+        training set in memory). Unlike :meth:`influence_vectors` (the seed's sign: the
+        parameter change ``-(H + damping)^-1 g`` of up-weighting), these carry the score's
+        sign: ``score = g_test . V_U``."""
+        if not getattr(self.method, "second_order_groups", False):
+            raise ValueError("group influence vectors are defined for influence-function "
+                             f"methods (influence, relatif), not {self.method.name}")
+        group_ids = np.asarray(group_ids)
+        if order == 1:
+            def batches():
+                start = 0
+                for x, y, _ in self._batches(train, batch_size):
+                    gid = group_ids[start:start + len(x)]
+                    if len(gid) != len(x):
+                        raise ValueError("group_ids has fewer entries than training rows")
+                    yield x, y, gid
+                    start += len(x)
+            with self._corrected("none"):
+                return groups.first_order_group_vectors(self.method, batches())
+        if order == 2:
+            x, y = self._arrays(train)
+            return groups.second_order_group_vectors(self.method, self.imodel, x, y, group_ids)
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+
+    def predict_with_kernel(self, queries, train, batch_size: Optional[int] = None
+                            ) -> np.ndarray:
+        """Representer points: the explained outputs rebuilt from the training set,
+        ``z_c(x_t) = sum_i alpha_ic k(x_i, x_t)`` ``(m, C)`` (the seed's
+        ``predict_with_kernel``), streamed: the train features are summed over the batches
+        and met by each query's features for every class c.
+
+        ``rps_l2``: ``sum_i alpha_ic <f_i, f_t> = f_t W``, the L2 surrogate's logits, exactly
+        at the surrogate's optimum (the representer theorem; off by its fit error otherwise).
+        They are *not* the model's own logits: the surrogate is a bias-free last layer fitted
+        to the model's predictions with an L2 penalty. ``rps_lje``: the class-c logits after
+        one Newton step from the perturbed weights, which are the model's own pre-activation
+        logits when the model sits at a stationary point of its (L2-regularised) training
+        objective. ``queries``: x, or anything :meth:`influence` takes (labels ignored).
+        One output (sigmoid): the logit of class 1."""
+        if not hasattr(self.method, "n_explained"):
+            raise ValueError(f"predict_with_kernel is defined for representer points "
+                             f"(rps_l2, rps_lje), not {self.method.name}")
+        if isinstance(queries, (tuple, list)) or _is_dataset(queries):
+            qx = self._arrays(queries)[0]
+        else:
+            qx = np.asarray(queries)
+        total = None
+        for x, y, _ in self._batches(train, batch_size):
+            f = np.asarray(self.method.train_features(x, y), np.float64).sum(axis=0)
+            total = f if total is None else total + f
+        if total is None:
+            raise ValueError("the training set is empty")
+        C = self.method.n_explained
+        if C == 1:
+            labels = [np.ones((len(qx), 1))]
+        else:
+            labels = [np.full(len(qx), c, np.int64) for c in range(C)]
+        return np.stack([np.asarray(self.method.query_features(qx, lab), np.float64) @ total
+                         for lab in labels], axis=1)
+
     def group_influence(self, queries, train, group_ids, order=1, query_ids=None):
         """``(groups, scores (m, G))``; first order also returns group self-influence.
 
