@@ -111,6 +111,12 @@ def as_arrays(data, x_rank: Optional[int] = None, with_weights: bool = False):
     return arrays[0], arrays[1]
 
 
+def _has_weights(data) -> bool:
+    if _is_dataset(data):
+        return isinstance(data.element_spec, tuple) and len(data.element_spec) == 3
+    return isinstance(data, (tuple, list)) and len(data) == 3
+
+
 def n_examples(data) -> Optional[int]:
     """Rows of a tuple of arrays or of a dataset of known finite cardinality (else None)."""
     if not _is_dataset(data):
@@ -227,28 +233,81 @@ class InfluenceCalculator:
         shape = self.imodel.input_shape
         return None if shape is None else len(shape)
 
-    def _batches(self, data, batch_size=None):
-        return iter_batches(data, batch_size, self._x_rank)
+    @property
+    def weighted(self) -> bool:
+        """Whether the calculator was fitted with sample weights (see :meth:`fit`)."""
+        return self.imodel.sample_weighted
+
+    def _batches(self, data, batch_size=None, sample_weight=None):
+        """``(x, y for the method, w or None, y as given)`` per batch. Weighted: the labels go
+        to the method packed with their weights (1 where none are given)."""
+        start = 0
+        for x, y, w in iter_batches(data, batch_size, self._x_rank):
+            if sample_weight is not None:
+                w = np.asarray(sample_weight, np.float64).reshape(-1)[start:start + len(x)]
+                if len(w) != len(x):
+                    raise ValueError("sample_weight has fewer entries than training rows")
+            start += len(x)
+            ym = self.imodel.pack_labels(y, w) if self.weighted else y
+            yield x, ym, w, y
 
     def _arrays(self, data):
-        return as_arrays(data, self._x_rank)
+        x, y, w = as_arrays(data, self._x_rank, with_weights=True)
+        return x, (self.imodel.pack_labels(y, w) if self.weighted else y)
 
-    def fit(self, train, queries=None, query_ids=None) -> "InfluenceCalculator":
-        """Fits the method on ``train``: ``(x, y)`` arrays or a ``tf.data.Dataset``.
+    WEIGHTED_SOLVERS = ("exact", "arnoldi", "cg", "lissa", "pcg")
+
+    def _check_weighted_support(self):
+        c = self.config
+        solver = getattr(self.method, "solver", None)
+        problems = []
+        if self.method.name not in ("influence", "relatif"):
+            problems.append(f"method={self.method.name}")
+        if solver not in self.WEIGHTED_SOLVERS or (solver == "pcg"
+                                                   and c.preconditioner == "ekfac"):
+            problems.append(f"solver={solver}" + ("/preconditioner=ekfac" if solver == "pcg"
+                                                  else ""))
+        if c.correction != "none":
+            problems.append(f"correction={c.correction}")
+        if problems:
+            raise ValueError("sample weights are supported for method influence / relatif with "
+                             f"solver {', '.join(self.WEIGHTED_SOLVERS)} (pcg with the arnoldi "
+                             f"preconditioner) and correction='none'; not {', '.join(problems)}")
+
+    def fit(self, train, queries=None, query_ids=None, sample_weight=None
+            ) -> "InfluenceCalculator":
+        """Fits the method on ``train``: ``(x, y)`` or ``(x, y, sample_weight)`` arrays or a
+        ``tf.data.Dataset`` of such tuples.
+
+        Sample weights (a third element, or ``sample_weight=`` aligned with the rows): the
+        objective becomes ``(1/n) sum_i w_i l_i`` plus the regulariser, the seed's and Keras's
+        definition (Keras divides the weighted sum by the batch size, not by the weights'
+        sum; scale the weights to mean 1 for ``sum_i w_i l_i / sum_i w_i``). The Hessian is
+        ``(1/n) sum_i w_i H_i``, a training example's gradient is ``w_i g_i`` (so its score
+        is ``g_test^T H^-1 w_i g_i`` and removing it changes the test loss by about
+        ``score / n``; self-influence is ``w_i^2 g_i^T H^-1 g_i``, the change of its own
+        weighted loss), and queries weigh 1 unless they carry weights too. Later calls
+        take training data with or without weights (missing weights are 1).
 
         The fit needs its sample in memory: at most ``fit_sample_size`` rows (the config's
         option, 50000 by default, 0 = all), drawn uniformly by a seeded one-pass reservoir
         sample when the data has more (arrays and datasets alike, ``O(fit_sample_size)``
         memory). The training-set size ``n`` of the leave-one-out correction is the number of
         rows seen, not the sample's."""
+        weighted = sample_weight is not None or _has_weights(train)
+        if weighted:
+            self._check_weighted_support()
+        self.imodel.set_sample_weighted(weighted)
         size = int(self.config.fit_sample_size)
+        raw = ((x, y, w) for x, y, w, _ in self._batches(train, None, sample_weight))
         if size:
-            x, y, _, n_seen = reservoir_sample(self._batches(train), size, self.config.seed)
+            x, y, _, n_seen = reservoir_sample(raw, size, self.config.seed)
             if n_seen > size:
                 log.info("fit on a uniform sample of %d of %d training examples "
                          "(fit_sample_size)", size, n_seen)
         else:
-            x, y = self._arrays(train)
+            xs, ys = zip(*[(x, y) for x, y, _ in raw])
+            x, y = np.concatenate(xs), np.concatenate(ys)
             n_seen = len(x)
         if self.method.needs_queries and queries is not None:
             qx, qy = self._arrays(queries)
@@ -290,7 +349,7 @@ class InfluenceCalculator:
         qb = int(query_batch_size or max(len(q), 1))
         start = 0
         with self._corrected(correction):
-            for x, y, _ in self._batches(train, batch_size):
+            for x, y, *_ in self._batches(train, batch_size):
                 t = self.method.train_features(x, y).astype(np.float64)
                 ts = slice(start, start + len(x))
                 for q0 in range(0, len(q), qb):
@@ -315,7 +374,7 @@ class InfluenceCalculator:
         ``g_i^T (H - H_i/n)^-1 g_i``."""
         out = []
         with self._corrected(correction):
-            for x, y, _ in self._batches(train, batch_size):
+            for x, y, *_ in self._batches(train, batch_size):
                 out.append(np.asarray(self.method.self_influence(x, y), np.float64))
         return np.concatenate(out) if out else np.zeros(0)
 
@@ -346,7 +405,7 @@ class InfluenceCalculator:
         kept = {}  # id -> (x row, y row) of the examples in the current lists
         start = 0
         with self._corrected(correction):
-            for x, y, _ in self._batches(train, block_size):
+            for x, y, _, y_given in self._batches(train, block_size):
                 ids = ids_of(start, len(x))
                 if len(ids) != len(x):
                     raise ValueError(f"train_ids has {start + len(ids)} ids, fewer than the "
@@ -361,7 +420,7 @@ class InfluenceCalculator:
                     kept = {i: v for i, v in kept.items() if i in live}
                     for j, i in enumerate(ids.tolist()):
                         if i in live and i not in kept:
-                            kept[i] = (np.array(x[j]), np.array(y[j]))
+                            kept[i] = (np.array(x[j]), np.array(y_given[j]))
         res = acc.extract()
         if return_examples:
             for side in ("pro", "opp"):
@@ -380,7 +439,7 @@ class InfluenceCalculator:
         if not hasattr(self.method, "influence_vectors"):
             raise ValueError(f"influence vectors are not defined for {self.method.name}")
         with self._corrected(correction):
-            for x, y, _ in self._batches(train, batch_size):
+            for x, y, *_ in self._batches(train, batch_size):
                 yield x, np.asarray(self.method.influence_vectors(x, y))
 
     def influence_vectors(self, train, correction: Optional[str] = None) -> np.ndarray:
@@ -428,7 +487,7 @@ class InfluenceCalculator:
         if order == 1:
             def batches():
                 start = 0
-                for x, y, _ in self._batches(train, batch_size):
+                for x, y, *_ in self._batches(train, batch_size):
                     gid = group_ids[start:start + len(x)]
                     if len(gid) != len(x):
                         raise ValueError("group_ids has fewer entries than training rows")
@@ -464,7 +523,7 @@ class InfluenceCalculator:
         else:
             qx = np.asarray(queries)
         total = None
-        for x, y, _ in self._batches(train, batch_size):
+        for x, y, *_ in self._batches(train, batch_size):
             f = np.asarray(self.method.train_features(x, y), np.float64).sum(axis=0)
             total = f if total is None else total + f
         if total is None:
@@ -499,6 +558,8 @@ class InfluenceCalculator:
             return groups.second_order_group_scores(self.method, self.imodel, qx, qy, x, y,
                                                     group_ids)
         if order == "newton":
+            if self.weighted:
+                raise ValueError("order='newton' group influence does not take sample weights")
             return groups.newton_group_scores(self.imodel, qx, qy, x, y, group_ids,
                                               self.config.damping)
         raise ValueError(f"order must be 1, 2 or 'newton', got {order!r}")

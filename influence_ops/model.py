@@ -191,6 +191,9 @@ class InfluenceModel:
         self.label_mode, self._loss_fn = self._resolve_loss(loss, from_logits)
         self._front, self._head_layers = self._split()
         self._fns = {}
+        # Sample-weighted mode (set_sample_weighted): labels carry the example's weight as a
+        # last column and the per-example loss is w * l (the seed's and Keras's definition).
+        self.sample_weighted = False
 
     # ------------------------------------------------------------------ construction helpers
     def _resolve_target_layers(self, target_layers):
@@ -334,12 +337,55 @@ class InfluenceModel:
         return h
 
     def per_example_loss(self, y, y_pred):
+        if self.sample_weighted:
+            w = tf.cast(y[:, -1], y_pred.dtype)
+            y = y[:, :-1]
+            if self.label_mode == "sparse":
+                y = tf.cast(y[:, 0], tf.int64)
+            else:
+                y = tf.cast(tf.reshape(y, tf.concat([tf.shape(y)[:1], tf.shape(y_pred)[1:]], 0)),
+                            y_pred.dtype)
+            return tf.reshape(self._loss_fn(y, y_pred), [-1]) * w
         loss = self._loss_fn(y, y_pred)
         return tf.reshape(loss, [-1])
+
+    # ------------------------------------------------------------------ sample weights
+    def set_sample_weighted(self, on: bool) -> None:
+        """Sample-weighted mode: every label array passed to this model is
+        :meth:`pack_labels` ``(y, w)`` and the per-example loss is ``w_i l_i``, so gradients,
+        Hessians and HVPs of the objective ``(1/n) sum_i w_i l_i`` follow unchanged. Traced
+        functions are dropped when the mode changes."""
+        on = bool(on)
+        if on != self.sample_weighted:
+            self.sample_weighted = on
+            self._fns = {}
+
+    def pack_labels(self, y, w=None) -> np.ndarray:
+        """``(n, L + 1)`` float labels: the labels (validated, flattened per row) and the weight
+        (1 when ``w`` is None) as the last column (:meth:`set_sample_weighted`)."""
+        y = np.asarray(y)
+        n = len(y)
+        w = np.ones(n) if w is None else np.asarray(w, np.float64).reshape(-1)
+        if len(w) != n:
+            raise InfluenceModelError(f"sample weights have {len(w)} rows but labels have {n}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise InfluenceModelError("sample weights must be finite and >= 0")
+        was, self.sample_weighted = self.sample_weighted, False
+        try:
+            y = self.check_labels(y, n)
+        finally:
+            self.sample_weighted = was
+        return np.concatenate([y.reshape(n, -1).astype(np.float64), w[:, None]], axis=1)
 
     def check_labels(self, y, n: int) -> np.ndarray:
         """Validates labels for this loss; returns them as a numpy array."""
         y = np.asarray(y)
+        if self.sample_weighted:
+            if y.ndim != 2 or y.shape[0] != n or y.shape[1] < 2:
+                raise InfluenceModelError(
+                    f"sample-weighted mode takes labels packed with their weights (n, L + 1) "
+                    f"(InfluenceModel.pack_labels), got {y.shape}")
+            return y
         if y.shape[0] != n:
             raise InfluenceModelError(f"labels have {y.shape[0]} rows but inputs have {n}")
         n_out = self.n_outputs
