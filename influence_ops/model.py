@@ -207,20 +207,64 @@ class InfluenceModel:
                     f"target_layers={target_layers}: the model has {len(with_weights)} layers "
                     f"with trainable weights ({[l.name for l in with_weights]})")
             return with_weights[-target_layers:]
-        if isinstance(target_layers, str):
+        if isinstance(target_layers, slice):
+            target_layers = [_range_text(target_layers.start, target_layers.stop)]
+        elif isinstance(target_layers, str):
             target_layers = [s for s in target_layers.split(",") if s]
+        elif (isinstance(target_layers, (tuple, list)) and len(target_layers) == 2
+              and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                      for v in target_layers)):
+            target_layers = [_range_text(*target_layers)]  # (first, last) layer indices
         layers = []
         for name in target_layers:
+            if isinstance(name, str) and ":" in name:
+                layers.extend(l for l in self._layer_range(name) if l not in layers)
+                continue
             if name not in names:
                 raise InfluenceModelError(
                     f"unknown layer name {name!r}; the model's layers are {names}")
-            layers.append(self.model.get_layer(name))
+            layer = self.model.get_layer(name)
+            if layer not in layers:
+                layers.append(layer)
         # Keep model order so the flattening of theta is canonical.
         layers.sort(key=lambda l: names.index(l.name))
         for l in layers:
             if not l.trainable_weights:
                 raise InfluenceModelError(f"layer {l.name!r} has no trainable weights")
         return layers
+
+    def _layer_range(self, spec: str):
+        """Layers with weights from ``first`` to ``last`` inclusive (``"first:last"``; each a
+        layer name or an index into ``model.layers``, negative from the end; empty = the
+        first / last layer), as the seed's ``start_layer`` / ``last_layer``."""
+        all_layers = list(self.model.layers)
+        names = [l.name for l in all_layers]
+        first, last = spec.split(":", 1)
+
+        def index(text, default):
+            text = text.strip()
+            if text == "":
+                return default
+            if text.lstrip("-").isdigit():
+                i = int(text)
+                if not -len(all_layers) <= i < len(all_layers):
+                    raise InfluenceModelError(
+                        f"target_layers={spec!r}: layer index {i} is out of range for "
+                        f"{len(all_layers)} layers {names}")
+                return i % len(all_layers)
+            if text not in names:
+                raise InfluenceModelError(f"target_layers={spec!r}: unknown layer name "
+                                          f"{text!r}; the model's layers are {names}")
+            return names.index(text)
+        i0, i1 = index(first, 0), index(last, len(all_layers) - 1)
+        if i0 > i1:
+            raise InfluenceModelError(f"target_layers={spec!r}: the first layer ({names[i0]}) "
+                                      f"comes after the last ({names[i1]})")
+        chosen = [l for l in all_layers[i0:i1 + 1] if l.trainable_weights]
+        if not chosen:
+            raise InfluenceModelError(f"target_layers={spec!r}: no layer with trainable "
+                                      f"weights in {names[i0:i1 + 1]}")
+        return chosen
 
     def _variable_key(self, layer, w) -> str:
         return f"{layer.name}/{w.name}"
@@ -541,6 +585,11 @@ class InfluenceModel:
                 f"d={self.n_params}, loss={self.loss_spec}, l2={self.l2}"
                 + (f", l2_from_regularizers={self.l2_from_regularizers}"
                    if self.l2_from_regularizers else "") + ")")
+
+
+def _range_text(first, last) -> str:
+    """``"first:last"`` from two layer names / indices (None: open end)."""
+    return f"{'' if first is None else first}:{'' if last is None else last}"
 
 
 def _shape_text(shape) -> str:
