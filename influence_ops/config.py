@@ -176,6 +176,12 @@ class InfluenceConfig:
         "method", "Arnoldi: eigenpairs kept (feature dimension)", parse=int))
     arnoldi_iter: int = field(default=64, metadata=_opt(
         "method", "Arnoldi: Krylov steps (HVPs)", parse=int))
+    force_hermitian: bool = field(default=True, metadata=_opt(
+        "method", "Arnoldi: symmetrise the projected Hessian (A + A^T)/2 before its "
+                  "eigendecomposition (real Ritz values, orthonormal vectors); off: eig of the "
+                  "non-symmetric projection as it is, whose close or indefinite eigenvalues can "
+                  "turn complex when float32 HVPs are not symmetric (pcg's deflation always "
+                  "symmetrises)", flag=True))
     negative_eigenvalues: str = field(default="keep", metadata=_opt(
         "method", "exact/Arnoldi policy for negative eigenvalues",
         choices=("keep", "drop", "abs")))
