@@ -143,34 +143,38 @@ def _stream_ids(start: int, count: int, width: int, prefix: str = "train") -> np
 def reservoir_sample(batches, size: int, seed: int = 0):
     """A uniform sample of ``size`` rows (all rows when fewer, in order) of a stream of
     ``(x, y, w)`` batches in one pass with ``O(size)`` memory (Algorithm R, seeded):
-    ``(x, y, w or None, rows seen)``."""
+    ``(x, y, w or None, rows seen)``. Until ``size`` rows have been seen the batches are only
+    collected, so a small training set is not copied into a ``size``-row buffer."""
     rng = np.random.default_rng(seed)
-    xs = ys = ws = None
+    parts = []          # batches while filling
+    buf = None          # [x, y, w] arrays of exactly ``size`` rows once full
     seen = 0
     for x, y, w in batches:
         b = len(x)
-        if xs is None:
-            xs = np.empty((size,) + x.shape[1:], x.dtype)
-            ys = np.empty((size,) + y.shape[1:], y.dtype)
-            ws = None if w is None else np.empty((size,), np.float64)
         take = min(b, max(size - seen, 0))
-        if take:  # filling the reservoir
-            xs[seen:seen + take], ys[seen:seen + take] = x[:take], y[:take]
-            if ws is not None:
-                ws[seen:seen + take] = w[:take]
+        if take:
+            parts.append((x[:take], y[:take], None if w is None else w[:take]))
+            if seen + take == size:
+                buf = [np.concatenate([p[0] for p in parts]),
+                       np.concatenate([p[1] for p in parts]),
+                       None if parts[0][2] is None else np.concatenate([p[2] for p in parts])]
+                parts = []
         if take < b:  # row t (0-based) replaces a random slot with probability size/(t+1)
             t = seen + np.arange(take, b)
-            j = (rng.random(b - take) * (t + 1)).astype(np.int64)
-            for r, slot in zip(range(take, b), j):
-                if slot < size:
-                    xs[slot], ys[slot] = x[r], y[r]
-                    if ws is not None:
-                        ws[slot] = w[r]
+            slots = (rng.random(b - take) * (t + 1)).astype(np.int64)
+            for r, slot in zip(np.nonzero(slots < size)[0] + take, slots[slots < size]):
+                buf[0][slot], buf[1][slot] = x[r], y[r]
+                if buf[2] is not None:
+                    buf[2][slot] = w[r]
         seen += b
-    if xs is None:
+    if seen == 0:
         raise ValueError("no training examples to fit on: the dataset is empty")
-    k = min(size, seen)
-    return xs[:k], ys[:k], (None if ws is None else ws[:k]), seen
+    if buf is None:  # fewer rows than ``size``: all of them
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1], parts[0][2], seen
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                None if parts[0][2] is None else np.concatenate([p[2] for p in parts]), seen)
+    return buf[0], buf[1], buf[2], seen
 
 
 def build_imodel(config: InfluenceConfig, model=None) -> InfluenceModel:
