@@ -1,5 +1,11 @@
 """The notebook user's API: one object, numpy arrays or ``tf.data.Dataset`` in, numpy out.
 
+The training side streams: ``(x, y)`` / ``(x, y, sample_weight)`` arrays or a (batched or
+unbatched) dataset of such tuples is read one batch at a time by ``self_influence``,
+``top_k``, ``influence_blocks``, ``save_influence_vectors``, ``predict_with_kernel`` and
+first-order ``group_influence_vectors``; queries and the fit sample (at most
+``fit_sample_size`` rows) are held in memory.
+
     calc = InfluenceCalculator(model, method="influence", solver="arnoldi", rank=32, l2=1e-3)
     calc.fit((x_train, y_train))
     scores = calc.influence((x_test, y_test), (x_train, y_train))   # (n_test, n_train)
