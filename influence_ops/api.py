@@ -575,7 +575,9 @@ class InfluenceCalculator:
         raise ValueError(f"order must be 1, 2 or 'newton', got {order!r}")
 
     def save(self, directory: str) -> str:
-        return artifacts.save_method(self.method, self.config, directory)
+        # A weighted fit reloads weighted: its Hessian and features are of the weighted loss.
+        extra = {"sample_weighted": True} if self.weighted else None
+        return artifacts.save_method(self.method, self.config, directory, extra)
 
     @staticmethod
     def load_influence_vectors(path: str, format: Optional[str] = None):
@@ -591,6 +593,7 @@ class InfluenceCalculator:
             target_layers = manifest["model"]["target_layers"]
         obj.imodel = model if isinstance(model, InfluenceModel) else InfluenceModel(
             model, target_layers=target_layers, loss=loss, from_logits=from_logits, l2=l2)
+        obj.imodel.set_sample_weighted(bool(manifest.get("sample_weighted", False)))
         obj.method, obj.config = artifacts.load_method_and_config(directory, obj.imodel)
         return obj
 

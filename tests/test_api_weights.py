@@ -102,3 +102,15 @@ def test_unsupported_combinations_say_so(weighted):
     # a later unweighted fit goes back to the plain objective
     calc.fit((d["x"], d["y"]))
     assert not calc.weighted
+
+
+def test_a_weighted_fit_reloads_weighted(weighted, tmp_path):
+    d = weighted
+    train = (d["x"], d["y"], d["w"])
+    calc = InfluenceCalculator(d["im"], solver="exact").fit(train)
+    S = calc.influence((d["xq"], d["yq"]), train)
+    calc.save(str(tmp_path / "art"))
+    other = InfluenceModel(d["im"].model, loss="binary_crossentropy", from_logits=True, l2=L2)
+    back = InfluenceCalculator.load(str(tmp_path / "art"), other)
+    assert back.weighted
+    np.testing.assert_allclose(back.influence((d["xq"], d["yq"]), train), S, rtol=1e-12)
