@@ -506,6 +506,8 @@ class InfluenceCalculator:
             with self._corrected("none"):
                 return groups.first_order_group_vectors(self.method, batches())
         if order == 2:
+            if self.weighted:
+                raise ValueError("order=2 group influence does not take sample weights")
             x, y = self._arrays(train)
             return groups.second_order_group_vectors(self.method, self.imodel, x, y, group_ids)
         raise ValueError(f"order must be 1 or 2, got {order!r}")
@@ -563,6 +565,9 @@ class InfluenceCalculator:
                 return groups.first_order_group_scores(self.method, qx, qy, x, y, group_ids,
                                                        query_ids)
         if order == 2:
+            if self.weighted:
+                raise ValueError("order=2 group influence does not take sample weights (its "
+                                 "coefficients count members, p = |U| / n)")
             if not self.method.second_order_groups:
                 raise ValueError("second-order group influence needs an influence-function method")
             return groups.second_order_group_scores(self.method, self.imodel, qx, qy, x, y,

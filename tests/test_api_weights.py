@@ -114,3 +114,18 @@ def test_a_weighted_fit_reloads_weighted(weighted, tmp_path):
     back = InfluenceCalculator.load(str(tmp_path / "art"), other)
     assert back.weighted
     np.testing.assert_allclose(back.influence((d["xq"], d["yq"]), train), S, rtol=1e-12)
+
+
+def test_weighted_first_order_groups_are_sums_of_weighted_scores(weighted):
+    d = weighted
+    train = (d["x"], d["y"], d["w"])
+    gid = (np.arange(len(d["x"])) % 3).astype(str)
+    calc = InfluenceCalculator(d["im"], solver="exact").fit(train)
+    ref = d["gq"] @ np.linalg.solve(d["H"], (d["w"][:, None] * d["g"]).T)
+    uniq, scores, _ = calc.group_influence((d["xq"], d["yq"]), train, gid)
+    _, V = calc.group_influence_vectors(train, gid)
+    for j, grp in enumerate(uniq):
+        np.testing.assert_allclose(scores[:, j], ref[:, gid == grp].sum(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(d["gq"] @ V.T, scores, rtol=1e-9)
+    with pytest.raises(ValueError, match="sample weights"):
+        calc.group_influence((d["xq"], d["yq"]), train, gid, order=2)
