@@ -74,6 +74,12 @@ def _target_layers(value):
         return None
     if isinstance(value, int):
         return value
+    if isinstance(value, slice):  # slice(first, last): a range, inclusive
+        return (f"{'' if value.start is None else value.start}:"
+                f"{'' if value.stop is None else value.stop}",)
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return (f"{value[0]}:{value[1]}",)  # (first, last) layer indices
     if isinstance(value, str):
         return int(value) if value.strip().isdigit() else _csv(value)
     return tuple(value)
@@ -107,7 +113,10 @@ class InfluenceConfig:
         "model", "Keras model: a .keras file (local or gs://), loaded in safe mode"))
     target_layers: Union[None, int, Tuple[str, ...]] = field(default=None, metadata=_opt(
         "model", "comma-separated layer names, or an int N for the last N layers with "
-                 "weights; empty = the last layer", parse=str))
+                 "weights, or a range FIRST:LAST of the layers with weights from FIRST to LAST "
+                 "inclusive (each a layer name or an index into model.layers, negative from the "
+                 "end, empty = open end; e.g. dense_1:dense_3, 1:-1); empty = the last layer",
+        parse=str))
     loss: Any = field(default="sparse_categorical_crossentropy", metadata=_opt(
         "model", "per-example loss: sparse_categorical_crossentropy, categorical_crossentropy, "
                  "binary_crossentropy, mse"))
@@ -172,6 +181,12 @@ class InfluenceConfig:
         "method", "Arnoldi: eigenpairs kept (feature dimension)", parse=int))
     arnoldi_iter: int = field(default=64, metadata=_opt(
         "method", "Arnoldi: Krylov steps (HVPs)", parse=int))
+    force_hermitian: bool = field(default=True, metadata=_opt(
+        "method", "Arnoldi: symmetrise the projected Hessian (A + A^T)/2 before its "
+                  "eigendecomposition (real Ritz values, orthonormal vectors); off: eig of the "
+                  "non-symmetric projection as it is, whose close or indefinite eigenvalues can "
+                  "turn complex when float32 HVPs are not symmetric (pcg's deflation always "
+                  "symmetrises)", flag=True))
     negative_eigenvalues: str = field(default="keep", metadata=_opt(
         "method", "exact/Arnoldi policy for negative eigenvalues",
         choices=("keep", "drop", "abs")))

@@ -91,6 +91,41 @@ def first_order_group_scores(method, query_x, query_y, train_x, train_y, group_i
     return uniq, q @ phi.T, np.sum(phi * psi, axis=1)
 
 
+def first_order_group_vectors(method, batches):
+    """Per-group influence vectors of a fitted influence-function method, streamed:
+    ``(groups, V (G, d))`` with ``score(U, z_test) = g_test . V_U`` equal to the first-order
+    group score (the sum of the members' scores): ``V_U = (H + damping)^-1 sum_{i in U} g_i``
+    (RelatIF: ``sum_{i in U} (H + damping)^-1 g_i / ||(H + damping)^-1 g_i||``). ``batches``
+    yields ``(x, y, group_ids)``; memory ``O(G d)`` plus one batch."""
+    sums = {}
+    for x, y, gid in batches:
+        g = grads.per_example_gradients(method.imodel, x, y).astype(np.float64)
+        if method.relatif:
+            g = method.solve(g)
+            g /= np.maximum(np.linalg.norm(g, axis=1), 1e-30)[:, None]
+        uniq, (s,), _ = per_group_sums(gid, g)
+        for u, row in zip(uniq.tolist(), s):
+            if u in sums:
+                sums[u] += row
+            else:
+                sums[u] = row
+    uniq = np.array(sorted(sums))
+    V = np.stack([sums[u] for u in uniq.tolist()]) if len(uniq) else np.zeros((0, 0))
+    if not method.relatif and len(uniq):
+        V = method.solve(V)
+    return uniq, V
+
+
+def second_order_group_vectors(method, imodel, train_x, train_y, group_ids):
+    """``(groups, V (G, d))`` of second-order group influence (Basu et al. 2020): score
+    ``g_test . v_U`` (module docstring); n = len(train_x), members in memory per group."""
+    train_x, train_y, group_ids = np.asarray(train_x), np.asarray(train_y), np.asarray(group_ids)
+    uniq = np.unique(group_ids)
+    V = np.stack([second_order_vector(method, imodel, train_x[group_ids == g],
+                                      train_y[group_ids == g], len(train_x)) for g in uniq])
+    return uniq, V
+
+
 def combine_second_order(v1: np.ndarray, v2: np.ndarray, size: int, n_train: int) -> np.ndarray:
     """``v_U`` from ``v1 = H^-1 g_U`` and ``v2 = H^-1 H_U v1`` for a group of ``size`` members.
 

@@ -191,6 +191,9 @@ class InfluenceModel:
         self.label_mode, self._loss_fn = self._resolve_loss(loss, from_logits)
         self._front, self._head_layers = self._split()
         self._fns = {}
+        # Sample-weighted mode (set_sample_weighted): labels carry the example's weight as a
+        # last column and the per-example loss is w * l (the seed's and Keras's definition).
+        self.sample_weighted = False
 
     # ------------------------------------------------------------------ construction helpers
     def _resolve_target_layers(self, target_layers):
@@ -204,20 +207,64 @@ class InfluenceModel:
                     f"target_layers={target_layers}: the model has {len(with_weights)} layers "
                     f"with trainable weights ({[l.name for l in with_weights]})")
             return with_weights[-target_layers:]
-        if isinstance(target_layers, str):
+        if isinstance(target_layers, slice):
+            target_layers = [_range_text(target_layers.start, target_layers.stop)]
+        elif isinstance(target_layers, str):
             target_layers = [s for s in target_layers.split(",") if s]
+        elif (isinstance(target_layers, (tuple, list)) and len(target_layers) == 2
+              and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                      for v in target_layers)):
+            target_layers = [_range_text(*target_layers)]  # (first, last) layer indices
         layers = []
         for name in target_layers:
+            if isinstance(name, str) and ":" in name:
+                layers.extend(l for l in self._layer_range(name) if l not in layers)
+                continue
             if name not in names:
                 raise InfluenceModelError(
                     f"unknown layer name {name!r}; the model's layers are {names}")
-            layers.append(self.model.get_layer(name))
+            layer = self.model.get_layer(name)
+            if layer not in layers:
+                layers.append(layer)
         # Keep model order so the flattening of theta is canonical.
         layers.sort(key=lambda l: names.index(l.name))
         for l in layers:
             if not l.trainable_weights:
                 raise InfluenceModelError(f"layer {l.name!r} has no trainable weights")
         return layers
+
+    def _layer_range(self, spec: str):
+        """Layers with weights from ``first`` to ``last`` inclusive (``"first:last"``; each a
+        layer name or an index into ``model.layers``, negative from the end; empty = the
+        first / last layer), as the seed's ``start_layer`` / ``last_layer``."""
+        all_layers = list(self.model.layers)
+        names = [l.name for l in all_layers]
+        first, last = spec.split(":", 1)
+
+        def index(text, default):
+            text = text.strip()
+            if text == "":
+                return default
+            if text.lstrip("-").isdigit():
+                i = int(text)
+                if not -len(all_layers) <= i < len(all_layers):
+                    raise InfluenceModelError(
+                        f"target_layers={spec!r}: layer index {i} is out of range for "
+                        f"{len(all_layers)} layers {names}")
+                return i % len(all_layers)
+            if text not in names:
+                raise InfluenceModelError(f"target_layers={spec!r}: unknown layer name "
+                                          f"{text!r}; the model's layers are {names}")
+            return names.index(text)
+        i0, i1 = index(first, 0), index(last, len(all_layers) - 1)
+        if i0 > i1:
+            raise InfluenceModelError(f"target_layers={spec!r}: the first layer ({names[i0]}) "
+                                      f"comes after the last ({names[i1]})")
+        chosen = [l for l in all_layers[i0:i1 + 1] if l.trainable_weights]
+        if not chosen:
+            raise InfluenceModelError(f"target_layers={spec!r}: no layer with trainable "
+                                      f"weights in {names[i0:i1 + 1]}")
+        return chosen
 
     def _variable_key(self, layer, w) -> str:
         return f"{layer.name}/{w.name}"
@@ -334,12 +381,55 @@ class InfluenceModel:
         return h
 
     def per_example_loss(self, y, y_pred):
+        if self.sample_weighted:
+            w = tf.cast(y[:, -1], y_pred.dtype)
+            y = y[:, :-1]
+            if self.label_mode == "sparse":
+                y = tf.cast(y[:, 0], tf.int64)
+            else:
+                y = tf.cast(tf.reshape(y, tf.concat([tf.shape(y)[:1], tf.shape(y_pred)[1:]], 0)),
+                            y_pred.dtype)
+            return tf.reshape(self._loss_fn(y, y_pred), [-1]) * w
         loss = self._loss_fn(y, y_pred)
         return tf.reshape(loss, [-1])
+
+    # ------------------------------------------------------------------ sample weights
+    def set_sample_weighted(self, on: bool) -> None:
+        """Sample-weighted mode: every label array passed to this model is
+        :meth:`pack_labels` ``(y, w)`` and the per-example loss is ``w_i l_i``, so gradients,
+        Hessians and HVPs of the objective ``(1/n) sum_i w_i l_i`` follow unchanged. Traced
+        functions are dropped when the mode changes."""
+        on = bool(on)
+        if on != self.sample_weighted:
+            self.sample_weighted = on
+            self._fns = {}
+
+    def pack_labels(self, y, w=None) -> np.ndarray:
+        """``(n, L + 1)`` float labels: the labels (validated, flattened per row) and the weight
+        (1 when ``w`` is None) as the last column (:meth:`set_sample_weighted`)."""
+        y = np.asarray(y)
+        n = len(y)
+        w = np.ones(n) if w is None else np.asarray(w, np.float64).reshape(-1)
+        if len(w) != n:
+            raise InfluenceModelError(f"sample weights have {len(w)} rows but labels have {n}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise InfluenceModelError("sample weights must be finite and >= 0")
+        was, self.sample_weighted = self.sample_weighted, False
+        try:
+            y = self.check_labels(y, n)
+        finally:
+            self.sample_weighted = was
+        return np.concatenate([y.reshape(n, -1).astype(np.float64), w[:, None]], axis=1)
 
     def check_labels(self, y, n: int) -> np.ndarray:
         """Validates labels for this loss; returns them as a numpy array."""
         y = np.asarray(y)
+        if self.sample_weighted:
+            if y.ndim != 2 or y.shape[0] != n or y.shape[1] < 2:
+                raise InfluenceModelError(
+                    f"sample-weighted mode takes labels packed with their weights (n, L + 1) "
+                    f"(InfluenceModel.pack_labels), got {y.shape}")
+            return y
         if y.shape[0] != n:
             raise InfluenceModelError(f"labels have {y.shape[0]} rows but inputs have {n}")
         n_out = self.n_outputs
@@ -495,6 +585,11 @@ class InfluenceModel:
                 f"d={self.n_params}, loss={self.loss_spec}, l2={self.l2}"
                 + (f", l2_from_regularizers={self.l2_from_regularizers}"
                    if self.l2_from_regularizers else "") + ")")
+
+
+def _range_text(first, last) -> str:
+    """``"first:last"`` from two layer names / indices (None: open end)."""
+    return f"{'' if first is None else first}:{'' if last is None else last}"
 
 
 def _shape_text(shape) -> str:

@@ -120,15 +120,28 @@ def exact_inverse(hessian: np.ndarray, damping: float = 0.0, negative: str = "ke
 
 def arnoldi(hvp: HVP, d: int, n_iter: int, top_k: int, damping: float = 0.0,
             negative: str = "keep", seed: int = 0, rel_floor: float = 1e-10,
-            progress: Callable[[int, int], None] = None) -> EigenInverse:
+            progress: Callable[[int, int], None] = None,
+            force_hermitian: bool = True) -> EigenInverse:
     """Top-k eigenpairs of H from a Krylov basis (Schioppa et al. 2022).
 
     ``n_iter`` HVPs build an orthonormal basis ``Q`` ``(n_iter, d)`` of the Krylov space of a
     random start vector, with full re-orthogonalisation (classical Gram-Schmidt applied twice:
     float32 HVPs lose orthogonality fast otherwise). The projected matrix
-    ``A = Q H Q^T`` is symmetrised and diagonalised ("distillation"); the top ``top_k`` Ritz
-    pairs by magnitude go through :func:`select_eigenpairs`. The iteration stops early when the
-    Krylov space becomes invariant (then the Ritz pairs are exact).
+    ``A = Q H Q^T`` is diagonalised ("distillation"); the top ``top_k`` Ritz pairs by magnitude
+    go through :func:`select_eigenpairs`. The iteration stops early when the Krylov space
+    becomes invariant (then the Ritz pairs are exact).
+
+    ``force_hermitian`` (the seed's option, default True): symmetrise ``A`` to
+    ``(A + A^T) / 2`` before ``eigh``: real Ritz values and orthonormal Ritz vectors, the
+    eigenpairs of the symmetric part of ``Q H Q^T``. (The seed also zeroes the entries outside
+    the tridiagonal band first; with full re-orthogonalisation they are the real ``Q H Q^T``,
+    so they are kept.) False: ``eig`` of the Hessenberg matrix as it is, as for a non-symmetric
+    operator. For a symmetric H in exact arithmetic both give the same pairs. They differ when
+    the HVPs are not symmetric (float32 round-off in a deep or non-convex model, non-smooth
+    layers) and H has close or indefinite eigenvalues: the asymmetry then turns nearby Ritz
+    values into complex pairs and tilts the Ritz vectors off orthogonality, which an inverse of
+    the form ``U diag(1/lam) U^T`` cannot represent. With False, complex pairs keep their real
+    parts (a warning says how many) and the Ritz vectors are normalised but not orthogonal.
     """
     n_iter = int(min(n_iter, d))
     if top_k > n_iter:
@@ -155,10 +168,22 @@ def arnoldi(hvp: HVP, d: int, n_iter: int, top_k: int, damping: float = 0.0,
             m = i + 1  # invariant subspace: exact eigenpairs from what we have
             break
         Q[i + 1] = w / beta
-    sym = A[:m, :m]
-    sym = 0.5 * (sym + sym.T)
-    evals, evecs = np.linalg.eigh(sym)
-    U = Q[:m].T @ evecs  # (d, m)
+    proj = A[:m, :m]
+    if force_hermitian:
+        evals, evecs = np.linalg.eigh(0.5 * (proj + proj.T))
+        U = Q[:m].T @ evecs  # (d, m)
+    else:
+        evals, evecs = np.linalg.eig(proj)
+        scale = max(float(np.abs(evals).max()), 1e-300) if evals.size else 1.0
+        complex_ = np.abs(evals.imag) > 1e-10 * scale
+        if complex_.any():
+            log.warning("arnoldi with force_hermitian=False: %d of %d Ritz values are complex "
+                        "(largest imaginary part %.3g): the projected Hessian is not symmetric; "
+                        "their real parts are used (force_hermitian=True symmetrises it)",
+                        int(complex_.sum()), len(evals), float(np.abs(evals.imag).max()))
+        evals, evecs = evals.real, evecs.real
+        U = Q[:m].T @ evecs
+        U /= np.maximum(np.linalg.norm(U, axis=0), 1e-300)[None, :]
     return select_eigenpairs(evals, U, damping, top_k, negative, rel_floor)
 
 

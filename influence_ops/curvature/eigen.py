@@ -146,6 +146,7 @@ class ArnoldiCurvature(EigenCurvature):
         super().__init__(imodel, config)
         self.rank, self.n_iter, self.seed = int(config.rank), int(config.arnoldi_iter), \
             int(config.seed)
+        self.force_hermitian = bool(getattr(config, "force_hermitian", True))
 
     def fit(self, x, y):
         def progress(i, total):
@@ -153,6 +154,6 @@ class ArnoldiCurvature(EigenCurvature):
                 log.info("arnoldi: %d/%d Hessian-vector products", i, total)
         self.eigen = solvers.arnoldi(self._hvp(x, y), self.imodel.n_params, self.n_iter,
                                      self.rank, self.damping, self.negative, self.seed,
-                                     progress=progress)
+                                     progress=progress, force_hermitian=self.force_hermitian)
         self.fitted = True
         return self

@@ -149,6 +149,17 @@ class RepresenterPointsL2(InfluenceMethod):
         out[np.arange(len(F)), cls] = F
         return out.reshape(len(F), -1).astype(model_float(self.imodel))
 
+    def influence_vectors(self, x, y=None):
+        """``alpha_i (x) f_i`` ``(n, C * p)``: its inner product with ``e_c (x) f_t`` (the
+        query features) is the representer value of class c; summed over the training set
+        it is ``F W``, the surrogate's logits (:meth:`InfluenceCalculator.predict_with_kernel`)."""
+        return self.train_features(x, y)
+
+    @property
+    def n_explained(self) -> int:
+        """Number of explained outputs C (logits of the last Dense layer)."""
+        return int(self.W.shape[1])
+
     def surrogate_logits(self, x):
         F = grads.penultimate_features(self.imodel, x, self.batch_size).astype(np.float64)
         return F @ self.W
@@ -236,6 +247,15 @@ class RepresenterPointsLJE(InfluenceMethod):
         self._ensure_perturbed()
         phi = self.curvature.gradient_maps(x, y, train=True, query=False)["train"]
         return np.concatenate([phi, np.ones((len(phi), 1))], axis=1).astype(model_float(self.imodel))
+
+    def influence_vectors(self, x, y):
+        """``[eigen-map of g_i(theta0), 1]`` ``(n, k + 1)``: the train features, whose inner
+        product with the query features is the representer value (class docstring)."""
+        return self.train_features(x, y)
+
+    @property
+    def n_explained(self) -> int:
+        return int(self.perturbed.shapes[0][1])
 
     def _logit_jacobian(self, F, cls):
         """``dz_c/dtheta`` ``(n, d)`` for a Dense layer: kernel ``(p, C)`` row-major, then bias."""

@@ -76,6 +76,11 @@ class TracIn(InfluenceMethod):
     def query_features(self, x, y, ids=None):
         return self.train_features(x, y)
 
+    def influence_vectors(self, x, y):
+        """``concat_c sqrt(eta_c) R_c g_c(z)`` ``(n, k)`` (Influenciae's TracIn influence
+        vector): its inner product with the same vector of a query is the TracIn score."""
+        return self.train_features(x, y)
+
     def self_influence(self, x, y):
         f = self.train_features(x, y).astype(np.float64)
         return np.sum(f * f, axis=1)
