@@ -76,12 +76,12 @@ class _ScoreDoFn(beam.DoFn):
         from influence_ops import schemas
         from influence_ops.topk import TopKAccumulator
         t = time.time()
-        yield beam.pvalue.TaggedOutput("self", self_table(fb, self.boundary))
         qids = S = None
         if query_blocks:  # no queries (--queries empty): self-influence only
             qids, Q = self._queries(query_blocks)
             S = Q @ fb.features.astype(np.float64).T  # (m, b)
             yield TopKAccumulator(k=self.k, n_queries=len(qids)).add(S, fb.ids)
+        yield beam.pvalue.TaggedOutput("self", self_table(fb, self.boundary))
         if self.examples_top:
             from pipelines.examples import EXPLAIN_QUERIES, train_candidates
             for c in train_candidates(fb, self.examples_top, self.k, qids,

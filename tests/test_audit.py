@@ -176,3 +176,97 @@ def test_spot_check_on_a_convex_model_matches_leave_one_out(correction):
     self_scores = calc.self_influence((x, y))
     np.testing.assert_allclose(ranking["score"], np.sort(self_scores)[::-1], rtol=1e-12)
     assert res["spectrum"] is not None and len(res["spectrum"]) == x.shape[1] + 1
+
+
+def test_notebook_audit_report_in_headless_chromium(tmp_path):
+    """A real audit (notebook API: digits as 8x8x1 images, 10% of labels flipped, exact
+    influence on the last layer, a real spot check) rendered by headless Chromium: every
+    section present, every image decoded, no broken links; the screenshot is kept in
+    out/test-artifacts/audit-report.png."""
+    import shutil
+    from pathlib import Path
+    import keras
+    from tests.test_report import find_chromium, parse, run_chromium
+    binary = find_chromium()
+    if binary is None:
+        reason = "no Chromium found: the audit report's browser test cannot run"
+        if os.environ.get("REQUIRE_CHROMIUM") == "1":
+            pytest.fail(reason + " and REQUIRE_CHROMIUM=1")
+        pytest.skip(reason)
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = (digits.images[:400] / 16.0).astype(np.float32)[..., None]
+    y = digits.target[:400].copy()
+    rng = np.random.default_rng(0)
+    flipped = rng.choice(360, size=36, replace=False)
+    y[flipped] = (y[flipped] + 1 + rng.integers(0, 9, size=36)) % 10
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(10, name="logits")])
+    model.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:360], y[:360], epochs=15, batch_size=64, verbose=0)
+    ids = np.array([f"digit-{i:04d}" for i in range(360)])
+    calc = InfluenceCalculator(model, solver="exact", target_layers="logits", l2=1e-3)
+    calc.fit((x[:360], y[:360]))
+    out = tmp_path / "run"
+    res = calc.audit((x[:360], y[:360]), ids=ids, queries=(x[360:], y[360:]), k=5,
+                     spot_check=6, spot_check_rows=360, output_dir=str(out),
+                     noisy_ids=list(ids[flipped]))
+    assert res["spot_check"]["n"] == 6 and res["spectrum"]
+    ranking = res["ranking"].to_pandas()
+    top = set(ranking["train_id"][:36])
+    assert len(top & set(ids[flipped])) >= 18  # self-influence finds flipped labels
+    url = Path(res["report"]).resolve().as_uri()
+    d = parse(run_chromium(binary, "--dump-dom", url)[0])
+    assert d.sections == ["summary", "distribution", "suspicious", "explain", "spectrum",
+                          "spot-check", "detection"]
+    assert int(d.body["data-images-total"]) > 24 and int(d.body["data-images-broken"]) == 0
+    for link in d.links:
+        assert link.startswith("#") and link[1:] in d.ids, link
+    shot = tmp_path / "audit.png"
+    run_chromium(binary, f"--screenshot={shot}", "--window-size=1280,4000", url)
+    from PIL import Image
+    with Image.open(shot) as im:
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or [0, 1]) > 1
+    keep = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
+    keep.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, keep / "audit-report.png")
+
+
+@pytest.mark.slow
+def test_run_audit_script_twice_reuses_and_skips_while_locked(setup, tmp_path):
+    """deploy/scheduler/run_audit.sh as cron runs it: two runs in a row (the second reuses
+    the fitted method and carries every row), LATEST on the second, and a run started while
+    the lock is held is skipped."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    d = setup
+    for name in os.listdir(d / "data"):
+        os.remove(d / "data" / name)
+    os.link(d / "part0.npz", d / "data" / "part0.npz")
+    repo = Path(__file__).resolve().parents[1]
+    root, lock = tmp_path / "root", tmp_path / "lock"
+    env = dict(os.environ, REPO=str(repo), PYTHON=sys.executable, AUDIT_ROOT=str(root),
+               MODEL=str(d / "m.keras"), TRAIN=f"npz:{d}/data/*.npz", LOCK=str(lock))
+    script = [str(repo / "deploy" / "scheduler" / "run_audit.sh"), "--solver=exact",
+              "--l2=0.01", "--spot_check=2", "--no_report"]
+    runs = []
+    for _ in range(2):
+        res = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs.append(json.loads((root / "LATEST").read_text()))
+        time.sleep(1.1)  # run ids are UTC seconds
+    assert runs[0]["run_id"] != runs[1]["run_id"]
+    second = json.loads((root / "runs" / runs[1]["run_id"] / runs[1]["attempt"] /
+                         "audit_manifest.json").read_text())
+    assert second["artifact"]["reused"] and second["counts"]["carried"] == 50
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        res = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "still running; skipping" in res.stderr
+    assert json.loads((root / "LATEST").read_text()) == runs[1]

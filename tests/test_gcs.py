@@ -103,3 +103,46 @@ def test_pipeline_on_gcs_paths(gcs, tmp_path):
         run_lib.run(argv)
     again = run_lib.run(argv + ["--overwrite"])
     assert again["row_counts"] == manifest["row_counts"]
+
+
+def test_audit_on_gcs_paths(gcs, tmp_path):
+    """The whole audit with every input and output on gs://: model, partitions, queries,
+    known-noisy ids, the stored fitted method, the run folder, the report and LATEST."""
+    import keras
+    from influence_ops import storage
+    from pipelines.audit import audit, latest, read_tables
+    x, y, xq, yq = helpers.classification_data(n=80, p=5, classes=3, n_test=4, seed=4)
+    model = helpers.mlp_classifier(5, 3, hidden=4, dtype="float32", seed=4)
+    model.compile(optimizer=keras.optimizers.Adam(0.05),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x.astype(np.float32), y, epochs=20, verbose=0)
+    model.save(str(tmp_path / "m.keras"))
+    for i in range(2):
+        np.savez(tmp_path / f"part{i}.npz", x=x[40 * i:40 * (i + 1)].astype(np.float32),
+                 y=y[40 * i:40 * (i + 1)])
+        _upload(str(tmp_path / f"part{i}.npz"), f"{gcs}/audit-in/parts/part{i}.npz")
+    np.savez(tmp_path / "q.npz", x=xq.astype(np.float32), y=yq)
+    (tmp_path / "noisy.txt").write_text("part0.npz:000000003\npart1.npz:000000007\n")
+    for name in ("m.keras", "q.npz", "noisy.txt"):
+        _upload(str(tmp_path / name), f"{gcs}/audit-in/{name}")
+    root = f"{gcs}/audits"
+    argv = [f"--audit_root={root}", f"--model={gcs}/audit-in/m.keras",
+            f"--train=npz:{gcs}/audit-in/parts/*.npz", f"--queries=npz:{gcs}/audit-in/q.npz",
+            "--solver=exact", "--l2=0.01", "--k=3", "--spot_check=3",
+            f"--known_noisy={gcs}/audit-in/noisy.txt"]
+    first = audit(argv + ["--run_id=d1"])
+    assert first["path"].startswith(f"{root}/runs/d1/")
+    assert storage.exists(f"{first['path']}/_SUCCESS")
+    assert storage.exists(f"{root}/artifacts/{first['artifact']['key']}/manifest.json")
+    ranking = read_tables(f"{first['path']}/audit")
+    assert ranking.num_rows == 80
+    assert read_tables(f"{first['path']}/explain").num_rows == 4 * 2 * 3
+    html = storage.read_text(first["report"])
+    for section in ("summary", "suspicious", "explain", "spectrum", "spot-check", "detection"):
+        assert f'id="{section}"' in html
+    assert first["spot_check"]["n"] == 3
+    second = audit(argv + ["--run_id=d2"])
+    assert second["artifact"]["reused"] and second["counts"]["carried"] == 80
+    assert latest(root) == second["path"]
+    assert read_tables(f"{second['path']}/audit").column("train_id").to_pylist() == \
+        ranking.column("train_id").to_pylist()
