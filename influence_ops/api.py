@@ -299,8 +299,10 @@ class InfluenceCalculator:
         weighted loss), and queries weigh 1 unless they carry weights too. Later calls
         take training data with or without weights (missing weights are 1).
 
-        The fit needs its sample in memory: at most ``fit_sample_size`` rows (the config's
-        option, 50000 by default, 0 = all), drawn uniformly by a seeded one-pass reservoir
+        Methods whose fit is a sum over the training set (``solver="exact"``, ``"ekfac"``,
+        ``"kfac"``, unweighted) stream every batch through their combiner, as the pipeline
+        does. Any other fit needs its sample in memory: at most ``fit_sample_size`` rows (the
+        config's option, 50000 by default, 0 = all), drawn uniformly by a seeded one-pass reservoir
         sample when the data has more (arrays and datasets alike, ``O(fit_sample_size)``
         memory). The training-set size ``n`` of the leave-one-out correction is the number of
         rows seen, not the sample's."""
@@ -308,6 +310,8 @@ class InfluenceCalculator:
         if weighted:
             self._check_weighted_support()
         self.imodel.set_sample_weighted(weighted)
+        if not weighted and self._fit_by_combiner(train):
+            return self
         size = int(self.config.fit_sample_size)
         raw = ((x, y, w) for x, y, w, _ in self._batches(train, None, sample_weight))
         if size:
@@ -328,6 +332,28 @@ class InfluenceCalculator:
         if hasattr(self.method, "n_train"):
             self.method.n_train = int(n_seen)
         return self
+
+    def _fit_by_combiner(self, train) -> bool:
+        """Methods whose fit is a sum over all training examples (exact Hessian, K-FAC /
+        EK-FAC factors) fit from the stream of batches, as the pipeline does: every row,
+        ``O(d^2)`` (or factor-sized) memory, no sample. Returns False for the others."""
+        combiner = registry.get_method(self.config.method).combiner(self.config,
+                                                                    lambda: self.imodel)
+        if combiner is None:
+            return False
+        out, n_seen = None, 0
+        for i, comb in enumerate(combiner if isinstance(combiner, (list, tuple))
+                                 else [combiner]):
+            side = {} if out is None else {getattr(comb, "previous_keyword", "previous"): out}
+            acc = comb.create_accumulator(**side)
+            for x, y, _, _ in self._batches(train):
+                acc = comb.add_input(acc, (x, y), **side)
+                n_seen += len(x) if i == 0 else 0
+            out = comb.extract_output(acc, **side)
+        self.method.fit_from_combined(out)
+        if hasattr(self.method, "n_train"):
+            self.method.n_train = int(n_seen)
+        return True
 
     def _corrected(self, correction):
         """The method scoring with ``correction`` (None: the config's)."""

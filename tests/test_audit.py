@@ -270,3 +270,26 @@ def test_run_audit_script_twice_reuses_and_skips_while_locked(setup, tmp_path):
         res = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "still running; skipping" in res.stderr
     assert json.loads((root / "LATEST").read_text()) == runs[1]
+
+
+def test_job_boundary_columns_equal_the_library(setup, tmp_path):
+    """--boundary=both: the self_influence table carries both distances per example, equal to
+    influence_ops.boundary on the same model (float32; the batches differ, so 1e-4)."""
+    from influence_ops import boundary
+    from influence_ops.api import build_imodel
+    from pipelines import run as run_lib
+    from pipelines.options import job_config
+    from apache_beam.options.pipeline_options import PipelineOptions
+    d = setup
+    args = [f"--model={d}/m.keras", f"--train=npz:{d}/part0.npz", f"--output={tmp_path}/o",
+            "--solver=exact", "--boundary=both"]
+    manifest = run_lib.run(args)
+    assert manifest["row_counts"]["topk"] == 0  # no --queries: self-influence only
+    table = _table(str(tmp_path / "o"), "self_influence").sort_values("train_id")
+    data = np.load(d / "part0.npz")
+    imodel = build_imodel(job_config(PipelineOptions(args)))
+    for name in ("sample_boundary", "weights_boundary"):
+        want = getattr(boundary, name)(imodel, data["x"])
+        np.testing.assert_allclose(table[name].to_numpy(), want, rtol=1e-4)
+    assert np.isfinite(table["sample_boundary"]).all()
+    assert (table["predicted"] == table["label"]).mean() > 0.5
