@@ -459,3 +459,25 @@ def test_unsupported_target_layers_are_named():
     with pytest.raises(InfluenceModelError, match="sampling='empirical'"):
         E.fit_ekfac(custom, np.zeros((2, 3)))
     assert E.fit_ekfac(custom, np.ones((2, 3)), np.ones((2, 1)), sampling="empirical").d == 4
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact_ggn", "true_fisher"])
+def test_pipeline_passes_use_the_configured_fisher_in_both_passes(data, fisher):
+    """The curvature's combiner passes (what the pipeline and the notebook's streaming fit
+    run, factors then the correction with the factors arriving as a side-input keyword) give
+    the EK-FAC of fit_ekfac with the same --fisher. A correction pass built without the
+    factors once defaulted to the true Fisher whatever --fisher said."""
+    from influence_ops.config import InfluenceConfig
+    from influence_ops.curvature.kronecker import EKFACCurvature
+    x, y = data[0], data[1]
+    im = make_mlp()
+    config = InfluenceConfig(solver="ekfac", fisher=fisher, batch_size=16)
+    factors_pass, correction_pass = EKFACCurvature.combiner(config, lambda: im)
+    factors = factors_pass.extract_output(
+        factors_pass.add_input(factors_pass.create_accumulator(), (x, y)))
+    acc = correction_pass.create_accumulator(factors=factors)
+    acc = correction_pass.add_input(acc, (x, y), factors=factors)
+    got = correction_pass.extract_output(acc, factors=factors)
+    want = E.fit_ekfac(im, x, y, sampling=fisher, batch_size=16)
+    for a, b in zip(got.layers, want.layers):
+        np.testing.assert_allclose(a.lam, b.lam, rtol=RTOL, atol=ATOL)

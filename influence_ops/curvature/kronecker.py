@@ -49,7 +49,10 @@ class EKFACCurvature(Curvature):
         passes = [ekfac.KFACFactorsCombiner(imodel_factory, config.fisher, int(config.seed),
                                             int(config.batch_size))]
         if cls.corrected:
-            passes.append(_CorrectionPass(imodel_factory, damping=damping,
+            # The factors arrive later (a side input): the sampling must be given here, or
+            # the correction pass would default to the true Fisher whatever --fisher says.
+            passes.append(_CorrectionPass(imodel_factory, sampling=config.fisher,
+                                          seed=int(config.seed), damping=damping,
                                           rel_damping=float(config.ekfac_relative_damping),
                                           batch_size=int(config.batch_size)))
         return passes
