@@ -36,10 +36,11 @@ bench: $(STAMP)
 bench-lds: $(STAMP)
 	$(PY) benchmarks/lds.py
 
-# Flipped-label detection by every method's self-influence and the baselines, with an SVG of
-# the detection curves in out/: ~2.5-3.5 minutes on 2 cores (cg and lissa take most of it).
+# Flipped-label detection by every method's self-influence and the baselines, two scenarios
+# (brief / memorised), with an HTML page of the tables and detection curves in out/:
+# ~4-5 minutes on 2 cores (cg and lissa take about half of it).
 bench-mislabel: $(STAMP)
-	$(PY) benchmarks/mislabel.py --plot out/mislabel_curves.svg
+	$(PY) benchmarks/mislabel.py --html out/mislabel.html
 
 docs: $(STAMP)
 	$(PY) -m pipelines.options --update-readme > docs/options.md

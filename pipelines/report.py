@@ -186,9 +186,10 @@ def _names(values: Iterable, limit: int = MAX_LISTED) -> str:
 _FIG_COUNTER = [0]
 
 
-def _svg(fig) -> str:
+def inline_svg(fig) -> str:
     """A matplotlib figure as inline SVG: text as text (no glyph definitions), ids unique
-    on the page, no XML prologue, DOCTYPE or metadata (nothing that names a URL)."""
+    on the page, no XML prologue, DOCTYPE or metadata (nothing that names a URL).
+    Public: ``benchmarks/mislabel.py`` builds its HTML page with it too."""
     import matplotlib
     _FIG_COUNTER[0] += 1
     buf = io.StringIO()
@@ -212,7 +213,7 @@ def _svg(fig) -> str:
     return re.sub(r'^<svg([^>]*?) width="([\d.]+)pt" height="([\d.]+)pt"', px, text, count=1)
 
 
-def _figure(ncols: int = 1, width: float = 6.4, height: float = 3.6):
+def new_figure(ncols: int = 1, width: float = 6.4, height: float = 3.6):
     """A figure without pyplot: no global backend state (Agg / SVG canvases only), nothing
     to close, safe in a notebook that uses another backend."""
     from matplotlib.figure import Figure
@@ -232,7 +233,7 @@ def _spans_decades(values: np.ndarray) -> bool:
 def distribution_plot(score: np.ndarray, loss: np.ndarray, cutoff: Optional[float]) -> str:
     finite = np.isfinite(score)
     s = score[finite]
-    fig, (ax, ax2) = _figure(2, width=10, height=3.6)
+    fig, (ax, ax2) = new_figure(2, width=10, height=3.6)
     log_x = _spans_decades(s)
     if log_x:
         bins = np.logspace(np.log10(s.min()), np.log10(s.max()), 50)
@@ -262,11 +263,11 @@ def distribution_plot(score: np.ndarray, loss: np.ndarray, cutoff: Optional[floa
     ax2.set_ylabel("loss")
     ax2.set_title("Loss against self-influence" +
                   (f" ({MAX_SCATTER} sampled)" if both.sum() > MAX_SCATTER else ""))
-    return _svg(fig)
+    return inline_svg(fig)
 
 
 def spectrum_plot(eigenvalues: np.ndarray) -> str:
-    fig, (ax,) = _figure()
+    fig, (ax,) = new_figure()
     i = np.arange(1, len(eigenvalues) + 1)
     pos = eigenvalues > 0
     ax.semilogy(i[pos], eigenvalues[pos], ".-", markersize=3, color="#4c72b0",
@@ -278,11 +279,11 @@ def spectrum_plot(eigenvalues: np.ndarray) -> str:
     ax.set_xlabel("index (descending)")
     ax.set_ylabel("eigenvalue (log scale)")
     ax.set_title("Eigenvalues of the curvature model")
-    return _svg(fig)
+    return inline_svg(fig)
 
 
 def spot_check_plot(predicted: np.ndarray, actual: np.ndarray) -> str:
-    fig, (ax,) = _figure(width=5.2, height=4.4)
+    fig, (ax,) = new_figure(width=5.2, height=4.4)
     ax.scatter(predicted, actual, s=18, color="#4c72b0", zorder=3)
     both = np.concatenate([predicted, actual])
     both = both[np.isfinite(both)]
@@ -294,14 +295,14 @@ def spot_check_plot(predicted: np.ndarray, actual: np.ndarray) -> str:
     ax.set_ylabel("actual change of loss (refit)")
     ax.set_title("Spot check: influence against refitting")
     ax.legend(fontsize=8)
-    return _svg(fig)
+    return inline_svg(fig)
 
 
 def detection_plot(inspected: np.ndarray, found: np.ndarray) -> str:
     if len(inspected) > MAX_CURVE:
         idx = np.unique(np.linspace(0, len(inspected) - 1, MAX_CURVE).round().astype(int))
         inspected, found = inspected[idx], found[idx]
-    fig, (ax,) = _figure(width=5.2, height=4.4)
+    fig, (ax,) = new_figure(width=5.2, height=4.4)
     ax.plot(inspected, found, color="#4c72b0", label="self-influence ranking")
     ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", label="random order")
     for f in FOUND_AT:
@@ -312,7 +313,7 @@ def detection_plot(inspected: np.ndarray, found: np.ndarray) -> str:
     ax.set_ylabel("fraction of known noisy examples found")
     ax.set_title("Detection curve")
     ax.legend(fontsize=8, loc="lower right")
-    return _svg(fig)
+    return inline_svg(fig)
 
 
 # ---------------------------------------------------------------------------------- images

@@ -1,6 +1,7 @@
 """The benchmark still runs (smoke run, no timing assertions: timings belong to benchmarks/)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -51,24 +52,54 @@ def test_lds_quick_runs_and_exact_ranks_like_retraining():
     assert not [r for r in rows.values() if r[-1].startswith("error")], res.stdout[-3000:]
 
 
+def _mislabel_tables(stdout):
+    """{scenario: {row name: cells}} from the tables the benchmark prints after its runs."""
+    tables, current = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("## scenario: "):
+            current = tables.setdefault(line.split(": ", 1)[1].strip(), {})
+            current.clear()  # the progress header comes first, the table after the runs
+            continue
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if current is not None and line.startswith("| ") and len(cells) == 9 \
+                and cells[0] != "method":
+            current[cells[0]] = cells
+    return tables
+
+
 @pytest.mark.slow
-def test_mislabel_quick_runs_every_row_and_plots(tmp_path):
+def test_mislabel_quick_runs_both_scenarios_every_row_and_writes_the_page(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    svg = tmp_path / "curves.svg"
-    res = subprocess.run([sys.executable, "benchmarks/mislabel.py", "--quick", "--plot",
-                          str(svg)], cwd=ROOT, env=env, capture_output=True, text=True,
+    page = tmp_path / "mislabel.html"
+    res = subprocess.run([sys.executable, "benchmarks/mislabel.py", "--quick", "--html",
+                          str(page)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = {}
-    for line in res.stdout.splitlines():
-        cells = [c.strip() for c in line.split("|")[1:-1]]
-        if line.startswith("| ") and len(cells) == 9 and cells[0] != "method":
-            rows[cells[0]] = cells
+    tables = _mislabel_tables(res.stdout)
+    assert sorted(tables) == ["brief", "memorised"], res.stdout[-3000:]
     names = [c.name for c in _load_benchmark("mislabel").METHODS]
-    assert sorted(rows) == sorted(names), res.stdout[-3000:]
-    assert not [r for r in rows.values() if r[-1].startswith("failed")], res.stdout[-3000:]
-    assert float(rows["exact"][5]) > 0.8, rows["exact"]          # AUC; random is ~0.5
-    assert "<svg" in svg.read_text()
+    for scenario, rows in tables.items():
+        assert sorted(rows) == sorted(names), (scenario, res.stdout[-3000:])
+        assert not [r for r in rows.values() if r[-1].startswith("failed")], res.stdout[-3000:]
+        assert float(rows["exact"][5]) > 0.8, (scenario, rows["exact"])  # AUC; random ~0.5
+    # memorised: cg / lissa skipped with the reason, TracIn over several checkpoints
+    assert tables["memorised"]["cg"][-1].startswith("skipped"), tables["memorised"]["cg"]
+    assert "4 checkpoints" in tables["memorised"]["tracin"][-1]
+    assert "predicts the flipped label on" in res.stdout
+    text = page.read_text()
+    assert text.count("<svg") == 2 and text.count("<table") == 2
+    assert 'id="brief"' in text and 'id="memorised"' in text
+    # self-contained: nothing fetched (the only URLs are the SVG / XLink namespaces)
+    assert "src=" not in text and "<link" not in text and "@import" not in text
+    urls = set(re.findall(r"https?://[^\s\"'<>)]+", text))
+    assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}, urls
+
+
+def test_mislabel_single_scenario_flag_is_checked():
+    mod = _load_benchmark("mislabel")
+    assert set(mod.SCENARIOS) == {"brief", "memorised"}
+    with pytest.raises(SystemExit):
+        mod.main(["--scenario", "nope"])
 
 
 def test_mislabel_update_readme_rewrites_only_the_marked_section(tmp_path):
