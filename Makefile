@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench bench-lds bench-mislabel docs clean
+.PHONY: venv demo audit-demo test test-all bench bench-lds bench-mislabel docs clean
 
 # CPU TensorFlow for CI and laptops (no multi-GB CUDA wheels); the GPU build belongs in the
 # worker container (deploy/). The project itself installs without re-resolving its deps.
@@ -19,6 +19,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m pipelines.demo --output out/demo
+
+# Two scheduled audits on the demo data (the second incremental), each with an HTML report.
+audit-demo: $(STAMP)
+	$(PY) -m pipelines.demo --audit --output out/audit-demo
 
 # Fast suite (well under 15 minutes on 2 cores): everything but tests marked slow.
 test: $(STAMP)

@@ -268,15 +268,18 @@ def losses_and_outputs(imodel: InfluenceModel, x, y, batch_size: int = 1024):
     """``(per-example losses, model outputs)`` from one forward pass (the audit's given vs
     predicted label comes from the same pass as the loss)."""
     x = _cast_x(imodel, x)
-    y = imodel.check_labels(y, len(x))
+    y = np.asarray(imodel.check_labels(y, len(x)))
+    # One trace per input kind, whatever the batch size (blocks, tails and single rows).
+    spec = (tf.TensorSpec((None,) + x.shape[1:], x.dtype),
+            tf.TensorSpec((None,) + y.shape[1:], y.dtype))
 
     def build():
-        @tf.function(reduce_retracing=True)
+        @tf.function(input_signature=spec)
         def fn(xb, yb):
             out = imodel.head(imodel.front(xb))
             return imodel.per_example_loss(yb, out), out
         return fn
-    fn = _cached(imodel, "losses_outputs", build)
+    fn = _cached(imodel, ("losses_outputs",) + tuple(str(s) for s in spec), build)
     if not len(x):
         return np.zeros((0,), imodel.dtype.as_numpy_dtype), None
     parts = [fn(x[s], y[s]) for s in _batches(len(x), batch_size)]

@@ -5,6 +5,11 @@ the data as ``.npz``, runs the full pipeline on the local runner and reports how
 labels the self-influence ranking puts in its top 10% and 20%.
 
     python -m pipelines.demo [--output out/demo] [--method influence --solver arnoldi] [beam flags]
+
+``--audit`` runs the scheduled-audit product on the same data instead (``make audit-demo``):
+the training set arrives as three daily files; a first audit sees two of them, a second one
+(after the third file arrived) reuses the fitted method and scores only the new file; each
+writes an HTML report with the detection curve of the flipped labels.
 """
 
 from __future__ import annotations
@@ -64,8 +69,12 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="influence")
     ap.add_argument("--solver", default="exact")
     ap.add_argument("--queries", type=int, default=50, help="query examples to explain")
+    ap.add_argument("--audit", action="store_true",
+                    help="run two scheduled audits (incremental) instead of the plain job")
     args, beam_args = ap.parse_known_args(argv)
     out = os.path.abspath(args.output)
+    if args.audit:
+        return run_audit_demo(out, args.solver, args.queries, beam_args)
     found, n_flipped = run_demo(out, args.method, args.solver, args.queries, beam_args)
     print(f"\nParquet results in {out}/ (topk/, self_influence/, artifact/, run_manifest.json)")
     for frac, hit in found.items():
@@ -96,6 +105,47 @@ def run_demo(out: str, method: str = "influence", solver: str = "exact", queries
     ] + list(beam_args)
     run_lib.run(argv_run)
     return flipped_found(out, flipped), int(flipped.sum())
+
+
+def run_audit_demo(out: str, solver: str = "exact", queries: int = 50, beam_args=()) -> int:
+    """Two audits under ``out/audits``: day 1-2 files, then day 3 arrives."""
+    import shutil
+    from pipelines.audit import audit, read_tables
+    from pipelines.cli import _audit_summary
+    data_dir = os.path.join(out, "inputs")
+    daily = os.path.join(data_dir, "daily")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(daily)
+    xtr, ytr, xq, yq, flipped = make_data()
+    model = train_model(xtr, ytr)
+    model.save(os.path.join(data_dir, "model.keras"))
+    parts = np.array_split(np.arange(len(xtr)), 3)
+    noisy = []
+    for day, rows in enumerate(parts, start=1):
+        name = f"day-{day}.npz"
+        np.savez(os.path.join(data_dir, name), x=xtr[rows], y=ytr[rows])
+        noisy += [f"{name}:{i:09d}" for i, r in enumerate(rows) if flipped[r]]
+    with open(os.path.join(data_dir, "flipped_ids.txt"), "w") as f:
+        f.write("\n".join(noisy) + "\n")
+    np.savez(os.path.join(data_dir, "queries.npz"), x=xq[:queries], y=yq[:queries])
+    base = [f"--audit_root={out}/audits", f"--model={data_dir}/model.keras",
+            f"--train=npz:{daily}/*.npz", f"--queries=npz:{data_dir}/queries.npz",
+            f"--solver={solver}", "--l2=0.001", "--image_shape=8,8",
+            f"--known_noisy={data_dir}/flipped_ids.txt"] + list(beam_args)
+    for day, run_id in ((1, None), (2, "day-2"), (3, "day-3")):
+        shutil.copy(os.path.join(data_dir, f"day-{day}.npz"), daily)
+        if run_id is None:
+            continue
+        manifest = audit(base + [f"--run_id={run_id}"])
+        print()
+        _audit_summary(manifest)
+        ranking = read_tables(os.path.join(manifest["path"], "audit"))
+        ids = np.asarray(ranking.column("train_id").to_pylist())
+        is_noisy = np.isin(ids, noisy)
+        top = int(round(0.1 * len(ids)))
+        print(f"flipped labels in the top 10% of the audit: "
+              f"{is_noisy[:top].sum() / is_noisy.sum():.1%} of {is_noisy.sum()}")
+    return 0
 
 
 def flipped_found(out: str, flipped: np.ndarray) -> dict:
