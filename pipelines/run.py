@@ -370,8 +370,11 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
                                    beam.pvalue.AsSingleton(dead_train), config.id_key))
     artifact = train | "FitMethod" >> fit.FitMethod(config, _join(out, ARTIFACT), queries,
                                                     guard)
-    train_f, time_tf, dead_feat_t = train | "FeaturizeTrain" >> featurize.Featurize(
-        config, artifact, "train")
+    # Pass 2 over the training input: the files (not the decoded examples) wait for the
+    # artifact, then each is read, checked and featurized again (featurize.ReadAndFeaturize).
+    newton = bool(opts.group_key) and opts.group_order == "newton"
+    train_f, time_tf, dead_feat_t, train_again = p | "FeaturizeTrain" >> (
+        featurize.ReadAndFeaturize(reads["train"], config, artifact, emit_blocks=newton))
     query_f, time_qf, dead_feat_q = queries | "FeaturizeQueries" >> featurize.Featurize(
         config, artifact, "query")
     counts["train_examples_featurized"] = _total(train_f, "TrainFeaturized")
@@ -407,8 +410,12 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
                                            schemas.GROUP_SELF_SCHEMA)
         elif opts.group_order == "newton":
             from pipelines.group_newton import NewtonGroups
-            g_scores = train | "NewtonGroups" >> NewtonGroups(config, artifact, queries)
+            # The checked blocks of pass 2: they need the artifact, so they come after it.
+            g_scores = train_again | "NewtonGroups" >> NewtonGroups(config, artifact, queries)
         else:
+            # Order 2 needs two passes after the fit (gradient sums, then Hessian-vector
+            # products along their solves): its blocks wait on side inputs computed from the
+            # data, so this option still buffers the checked training set (docs/architecture).
             n_train = _total(train, "TrainForGroups")
             g_scores = train | "SecondOrderGroups" >> groups.SecondOrderGroups(
                 config, artifact, queries, n_train)
