@@ -198,6 +198,32 @@ class _Quiet:
         pass
 
 
+def _quiet_reader(reader):
+    """The reader and the row check of pass 1, for another pass: they count nothing."""
+    from pipelines.read import ValidateBlocks
+    reader.read_counter = reader.dead_counter = _Quiet()
+    if hasattr(reader, "setup"):
+        reader.setup()
+    validate = ValidateBlocks()
+    validate.bad = _Quiet()
+    return reader, validate
+
+
+def _checked_blocks(reader, validate, imodel, element):
+    """The blocks of one file (or TFDS shard) that pass every check of pass 1 (reader,
+    ``ValidateBlocks``, :func:`check_block`), as they are decoded; rejected rows are dropped
+    without a dead letter (pass 1 wrote theirs)."""
+    for out in reader.process(element):
+        if not isinstance(out, Block):
+            continue
+        for valid in validate.process(out):
+            if not isinstance(valid, Block):
+                continue
+            for block in check_block(imodel, valid):
+                if isinstance(block, Block):
+                    yield block
+
+
 class _ReadFeaturizeDoFn(_FeaturizeDoFn):
     """Pass 2 over the training input: one file (or TFDS shard) element -> its feature blocks.
 
@@ -213,31 +239,45 @@ class _ReadFeaturizeDoFn(_FeaturizeDoFn):
 
     def setup(self):
         super().setup()
-        from pipelines.read import ValidateBlocks
-        self.reader.read_counter = self.reader.dead_counter = _Quiet()
-        if hasattr(self.reader, "setup"):
-            self.reader.setup()
-        self.validate = ValidateBlocks()
-        self.validate.bad = _Quiet()
-
-    def teardown(self):
-        if hasattr(self.reader, "teardown"):
-            self.reader.teardown()
+        self.reader, self.validate = _quiet_reader(self.reader)
 
     def process(self, element, artifact: str):
         imodel = self.loaded(artifact).imodel
-        for out in self.reader.process(element):
-            if not isinstance(out, Block):
-                continue  # dead-lettered by the first pass
-            for valid in self.validate.process(out):
-                if not isinstance(valid, Block):
-                    continue
-                for block in check_block(imodel, valid):
-                    if not isinstance(block, Block):
-                        continue
-                    if self.emit_blocks:
-                        yield beam.pvalue.TaggedOutput(BLOCKS, block)
-                    yield from super().process(block, artifact)
+        for block in _checked_blocks(self.reader, self.validate, imodel, element):
+            if self.emit_blocks:
+                yield beam.pvalue.TaggedOutput(BLOCKS, block)
+            yield from super().process(block, artifact)
+
+
+class _ReadCheckedDoFn(ModelDoFn):
+    """One file element -> its checked blocks, once ``wait`` (a side input) is ready."""
+
+    def __init__(self, config, reader):
+        super().__init__(config)
+        self.reader = reader
+
+    def setup(self):
+        super().setup()
+        self.reader, self.validate = _quiet_reader(self.reader)
+
+    def process(self, element, wait=None):
+        yield from _checked_blocks(self.reader, self.validate, self.loaded().imodel, element)
+
+
+class ReadChecked(beam.PTransform):
+    """``PBegin -> checked blocks``: another pass over the training input that starts when the
+    one-element PCollection ``wait`` is ready (a fit pass that needs the previous pass's
+    output: the blocks are read again instead of being buffered until then)."""
+
+    def __init__(self, read, config, wait):
+        super().__init__()
+        self.read, self.config, self.wait = read, config, wait
+
+    def expand(self, pbegin):
+        return (pbegin | "Files" >> beam.Create(list(self.read.elements))
+                | "Spread" >> beam.Reshuffle()
+                | "Read" >> beam.ParDo(_ReadCheckedDoFn(self.config, self.read.reader()),
+                                       beam.pvalue.AsSingleton(self.wait)))
 
 
 BLOCKS = "blocks"

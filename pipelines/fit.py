@@ -180,12 +180,14 @@ class _ModelFactory:
 class FitMethod(beam.PTransform):
     """``blocks -> artifact path`` (a one-element PCollection used as a singleton side input)."""
 
-    def __init__(self, config, artifact_dir: str, queries=None, guard=None):
+    def __init__(self, config, artifact_dir: str, queries=None, guard=None, read=None):
         """``guard``: an optional one-element PCollection ``{"problems": [...], "train_ok":
-        n, "dead": summary}`` checked before fitting (:func:`check_guard`)."""
+        n, "dead": summary}`` checked before fitting (:func:`check_guard`). ``read``: the
+        training input's ``ReadExamples``; when given, a combiner's later passes read it
+        again (``featurize.ReadChecked``) instead of waiting with every block buffered."""
         super().__init__()
         self.config, self.artifact_dir, self.queries = config, artifact_dir, queries
-        self.guard = guard
+        self.guard, self.read = guard, read
 
     def expand(self, blocks):
         from influence_ops import registry
@@ -211,7 +213,15 @@ class FitMethod(beam.PTransform):
             for i, comb in enumerate(passes):
                 side = {} if out is None else {
                     getattr(comb, "previous_keyword", "previous"): beam.pvalue.AsSingleton(out)}
-                out = elements | f"Combine{'' if i == 0 else i + 1}" >> beam.CombineGlobally(
+                source = elements
+                if out is not None and self.read is not None:
+                    # A later pass waits on the previous one: its input is read again (the
+                    # file elements wait, not the blocks).
+                    from pipelines.featurize import ReadChecked
+                    source = (blocks.pipeline | f"Reread{i + 1}" >> ReadChecked(
+                        self.read, config, out)
+                        | f"Elements{i + 1}" >> beam.Map(lambda b: (b.x, b.y)))
+                out = source | f"Combine{'' if i == 0 else i + 1}" >> beam.CombineGlobally(
                     BeamCombineFn(comb), **side)
             payload = out | "Tag" >> beam.Map(lambda out: ("combined", out))
         else:

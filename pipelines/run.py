@@ -369,7 +369,7 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
                                    beam.pvalue.AsSingleton(_total(train, "TrainChecked")),
                                    beam.pvalue.AsSingleton(dead_train), config.id_key))
     artifact = train | "FitMethod" >> fit.FitMethod(config, _join(out, ARTIFACT), queries,
-                                                    guard)
+                                                    guard, reads["train"])
     # Pass 2 over the training input: the files (not the decoded examples) wait for the
     # artifact, then each is read, checked and featurized again (featurize.ReadAndFeaturize).
     newton = bool(opts.group_key) and opts.group_order == "newton"
