@@ -266,8 +266,8 @@ class _ReadCheckedDoFn(ModelDoFn):
 
 class ReadChecked(beam.PTransform):
     """``PBegin -> checked blocks``: another pass over the training input that starts when the
-    one-element PCollection ``wait`` is ready (a fit pass that needs the previous pass's
-    output: the blocks are read again instead of being buffered until then)."""
+    PCollection ``wait`` is complete (a fit pass that needs the previous pass's output, group
+    influence's second pass: the blocks are read again instead of being buffered until then)."""
 
     def __init__(self, read, config, wait):
         super().__init__()
@@ -277,7 +277,7 @@ class ReadChecked(beam.PTransform):
         return (pbegin | "Files" >> beam.Create(list(self.read.elements))
                 | "Spread" >> beam.Reshuffle()
                 | "Read" >> beam.ParDo(_ReadCheckedDoFn(self.config, self.read.reader()),
-                                       beam.pvalue.AsSingleton(self.wait)))
+                                       beam.pvalue.AsIter(self.wait)))
 
 
 BLOCKS = "blocks"
