@@ -231,7 +231,8 @@ class _ReadFeaturizeDoFn(_FeaturizeDoFn):
     and ``ValidateBlocks`` checks, :func:`check_block`) without emitting them again, and
     featurizes each block as it is decoded; only featurize-stage dead letters (non-finite
     features) are emitted. With ``emit_blocks`` the checked blocks also go to the ``blocks``
-    output (for stages that need the raw examples after the fit: Newton groups)."""
+    output (for stages that need the raw examples after the fit: second-order and Newton
+    group influence)."""
 
     def __init__(self, config, reader, emit_blocks: bool = False):
         super().__init__(config, "train")
