@@ -3,6 +3,14 @@
 Featurize runs the model on workers: projected per-example gradients for both feature maps
 (phi, psi), self-influence and per-example losses in one pass; full per-example gradients
 never leave the worker that computed them.
+
+Training examples are featurized in a second pass over the input (:class:`ReadAndFeaturize`):
+the fitted artifact is a side input, and a main input waiting on a side input is buffered
+whole by the runner, so what waits is the list of files (or TFDS shards), not the decoded
+examples. Each file is read again, its rows checked again, and its blocks featurized as they
+are decoded. Rows the first pass rejected (read errors, labels, non-finite losses) are dropped
+silently there: the first pass's dead letters are their record. Queries are few and keep the
+one-pass path (:class:`Featurize`).
 """
 
 from __future__ import annotations
@@ -38,31 +46,38 @@ class ValidateLabels(ModelDoFn):
         self.dead = beam.metrics.Metrics.counter(NAMESPACE, "examples_dead_lettered")
 
     def process(self, block: Block):
-        from influence_ops import gradients as G
-        from pipelines.read import SourceError
-        imodel = self.loaded().imodel
-        problem = imodel.example_problems(block.x, block.y)
-        if problem:
-            raise SourceError(f"{block.source} (example {block.ids[0]}): {problem}")
-        bad = imodel.label_problems(block.y)
-        if bad.any():
-            self.dead.inc(int(bad.sum()))
-            yield from dead_rows(block, bad, lambda i: (
-                f"bad label {block.y[i]!r} for a {imodel.label_mode} loss with "
-                f"{imodel.n_outputs} outputs"), stage="check")
-            block = block.take(~bad)
-        if not len(block):
-            return
-        losses = G.per_example_losses(imodel, block.x, imodel.normalize_labels(block.y))
-        finite = np.isfinite(losses)
-        if not finite.all():
-            self.dead.inc(int((~finite).sum()))
-            yield from dead_rows(block, ~finite, lambda i: (
-                f"non-finite loss ({losses[i]}) at the model's output: its gradient would be "
-                "NaN or infinite (inputs that overflow the model?)"), stage="check")
-            block = block.take(finite)
-        if len(block):
-            yield block
+        yield from check_block(self.loaded().imodel, block, self.dead)
+
+
+def check_block(imodel, block: Block, dead=None):
+    """:class:`ValidateLabels` on one block: yields the dead letters (stage ``check``) and
+    then the block of rows that pass (if any). ``dead``: a counter of the rows rejected."""
+    from influence_ops import gradients as G
+    from pipelines.read import SourceError
+    problem = imodel.example_problems(block.x, block.y)
+    if problem:
+        raise SourceError(f"{block.source} (example {block.ids[0]}): {problem}")
+    bad = imodel.label_problems(block.y)
+    if bad.any():
+        if dead is not None:
+            dead.inc(int(bad.sum()))
+        yield from dead_rows(block, bad, lambda i: (
+            f"bad label {block.y[i]!r} for a {imodel.label_mode} loss with "
+            f"{imodel.n_outputs} outputs"), stage="check")
+        block = block.take(~bad)
+    if not len(block):
+        return
+    losses = G.per_example_losses(imodel, block.x, imodel.normalize_labels(block.y))
+    finite = np.isfinite(losses)
+    if not finite.all():
+        if dead is not None:
+            dead.inc(int((~finite).sum()))
+        yield from dead_rows(block, ~finite, lambda i: (
+            f"non-finite loss ({losses[i]}) at the model's output: its gradient would be "
+            "NaN or infinite (inputs that overflow the model?)"), stage="check")
+        block = block.take(finite)
+    if len(block):
+        yield block
 
 
 def _nonfinite_rows(*arrays) -> np.ndarray:
@@ -174,3 +189,118 @@ def validate_labels(blocks, config, label: str):
     """``blocks -> (checked blocks, dead letters)`` (:class:`ValidateLabels`)."""
     res = blocks | label >> beam.ParDo(ValidateLabels(config)).with_outputs(DEAD, main="blocks")
     return res.blocks, res[DEAD]
+
+
+class _Quiet:
+    """A counter that counts nothing: the second pass must not count rows twice."""
+
+    def inc(self, n=1):
+        pass
+
+
+def _quiet_reader(reader):
+    """The reader and the row check of pass 1, for another pass: they count nothing."""
+    from pipelines.read import ValidateBlocks
+    reader.read_counter = reader.dead_counter = _Quiet()
+    if hasattr(reader, "setup"):
+        reader.setup()
+    validate = ValidateBlocks()
+    validate.bad = _Quiet()
+    return reader, validate
+
+
+def _checked_blocks(reader, validate, imodel, element):
+    """The blocks of one file (or TFDS shard) that pass every check of pass 1 (reader,
+    ``ValidateBlocks``, :func:`check_block`), as they are decoded; rejected rows are dropped
+    without a dead letter (pass 1 wrote theirs)."""
+    for out in reader.process(element):
+        if not isinstance(out, Block):
+            continue
+        for valid in validate.process(out):
+            if not isinstance(valid, Block):
+                continue
+            for block in check_block(imodel, valid):
+                if isinstance(block, Block):
+                    yield block
+
+
+class _ReadFeaturizeDoFn(_FeaturizeDoFn):
+    """Pass 2 over the training input: one file (or TFDS shard) element -> its feature blocks.
+
+    Reads the file with the job's reader, drops the rows the first pass dead-lettered (reader
+    and ``ValidateBlocks`` checks, :func:`check_block`) without emitting them again, and
+    featurizes each block as it is decoded; only featurize-stage dead letters (non-finite
+    features) are emitted. With ``emit_blocks`` the checked blocks also go to the ``blocks``
+    output (for stages that need the raw examples after the fit: second-order and Newton
+    group influence)."""
+
+    def __init__(self, config, reader, emit_blocks: bool = False):
+        super().__init__(config, "train")
+        self.reader, self.emit_blocks = reader, emit_blocks
+
+    def setup(self):
+        super().setup()
+        self.reader, self.validate = _quiet_reader(self.reader)
+
+    def process(self, element, artifact: str):
+        imodel = self.loaded(artifact).imodel
+        for block in _checked_blocks(self.reader, self.validate, imodel, element):
+            if self.emit_blocks:
+                yield beam.pvalue.TaggedOutput(BLOCKS, block)
+            yield from super().process(block, artifact)
+
+
+class _ReadCheckedDoFn(ModelDoFn):
+    """One file element -> its checked blocks, once ``wait`` (a side input) is ready."""
+
+    def __init__(self, config, reader):
+        super().__init__(config)
+        self.reader = reader
+
+    def setup(self):
+        super().setup()
+        self.reader, self.validate = _quiet_reader(self.reader)
+
+    def process(self, element, wait=None):
+        yield from _checked_blocks(self.reader, self.validate, self.loaded().imodel, element)
+
+
+class ReadChecked(beam.PTransform):
+    """``PBegin -> checked blocks``: another pass over the training input that starts when the
+    PCollection ``wait`` is complete (a fit pass that needs the previous pass's output, group
+    influence's second pass: the blocks are read again instead of being buffered until then)."""
+
+    def __init__(self, read, config, wait):
+        super().__init__()
+        self.read, self.config, self.wait = read, config, wait
+
+    def expand(self, pbegin):
+        return (pbegin | "Files" >> beam.Create(list(self.read.elements))
+                | "Spread" >> beam.Reshuffle()
+                | "Read" >> beam.ParDo(_ReadCheckedDoFn(self.config, self.read.reader()),
+                                       beam.pvalue.AsIter(self.wait)))
+
+
+BLOCKS = "blocks"
+
+
+class ReadAndFeaturize(beam.PTransform):
+    """``PBegin -> (FeatureBlocks, timings, dead letters, checked blocks)``: the second pass
+    over the training input (see the module docstring). ``read``: the first pass's
+    :class:`pipelines.read.ReadExamples`, whose file / shard elements are read again.
+    ``artifact``: the fitted artifact's path (a singleton side input). The checked blocks
+    output is empty unless ``emit_blocks``."""
+
+    def __init__(self, read, config, artifact, emit_blocks: bool = False):
+        super().__init__()
+        self.read, self.config, self.artifact = read, config, artifact
+        self.emit_blocks = emit_blocks
+
+    def expand(self, pbegin):
+        res = (pbegin | "Files" >> beam.Create(list(self.read.elements))
+               | "Spread" >> beam.Reshuffle()
+               | "Featurize" >> beam.ParDo(
+                   _ReadFeaturizeDoFn(self.config, self.read.reader(), self.emit_blocks),
+                   beam.pvalue.AsSingleton(self.artifact)
+               ).with_outputs(TIMING, DEAD, BLOCKS, main="features"))
+        return res.features, res[TIMING], res[DEAD], res[BLOCKS]

@@ -25,19 +25,61 @@ from pipelines.worker import ModelDoFn, acquire, configure_worker
 log = logging.getLogger(__name__)
 
 
-class _SampleRows(beam.DoFn):
+class SmallestHashes(beam.CombineFn):
+    """The ``size`` rows with the smallest id hashes (``uniform_from_ids``), ties by id, as
+    one Block (None when no row came); ``size <= 0`` keeps every row.
+
+    Needs no row count up front, so the training blocks reach it without waiting on a side
+    input (which would make the runner buffer all of them): memory is about ``1.5 * size``
+    rows per accumulator. Once an accumulator holds ``size`` rows, only rows under its
+    current threshold are kept."""
+
     def __init__(self, size: int, seed: int):
         self.size, self.seed = size, seed
 
-    def process(self, block: Block, total: int):
-        if self.size <= 0 or self.size >= total:
-            yield block
-            return
-        # Oversample by 30% + 64 rows; the fit step keeps exactly `size` smallest draws.
-        frac = min(1.0, 1.3 * self.size / total + 64.0 / total)
-        keep = uniform_from_ids(block.ids, self.seed) < frac
-        if keep.any():
-            yield block.take(keep)
+    def create_accumulator(self):
+        return [[], 0, None]   # blocks, rows held, threshold (the size-th smallest draw)
+
+    def _trim(self, acc):
+        blocks, rows, _ = acc
+        if self.size <= 0 or rows <= self.size:
+            return acc
+        b = concat(blocks)
+        u = uniform_from_ids(b.ids, self.seed)
+        keep = np.lexsort((b.ids, u))[:self.size]   # by draw, ties by id
+        keep.sort()
+        b = b.take(keep)
+        return [[b], len(b), float(u[keep].max())]
+
+    def add_input(self, acc, block: Block):
+        if not len(block):
+            return acc
+        if acc[2] is not None:
+            below = uniform_from_ids(block.ids, self.seed) <= acc[2]
+            if not below.any():
+                return acc
+            block = block.take(below)
+        acc[0].append(block)
+        acc[1] += len(block)
+        if self.size > 0 and acc[1] >= self.size + self.size // 2:
+            acc = self._trim(acc)
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for a in accs:
+            out[0].extend(a[0])
+            out[1] += a[1]
+            if self.size > 0 and out[1] >= self.size + self.size // 2:
+                out = self._trim(out)
+        return out
+
+    def compact(self, acc):
+        return self._trim(acc)
+
+    def extract_output(self, acc):
+        acc = self._trim(acc)
+        return concat(acc[0]) if acc[1] else None
 
 
 def final_sample(blocks: List[Block], size: int, seed: int) -> Block:
@@ -75,7 +117,8 @@ class _FitDoFn(ModelDoFn):
             method.fit_from_combined(data)
         else:
             data, total = data
-            sample = final_sample(data, self.config.fit_sample_size, self.config.seed)
+            sample = final_sample([data] if data is not None else [],
+                                  self.config.fit_sample_size, self.config.seed)
             log.info("fit: %s on a sample of %d examples", self.config.method, len(sample))
             y = imodel.normalize_labels(sample.y)
             if method.needs_queries and any(len(b) for b in queries):
@@ -137,12 +180,14 @@ class _ModelFactory:
 class FitMethod(beam.PTransform):
     """``blocks -> artifact path`` (a one-element PCollection used as a singleton side input)."""
 
-    def __init__(self, config, artifact_dir: str, queries=None, guard=None):
+    def __init__(self, config, artifact_dir: str, queries=None, guard=None, read=None):
         """``guard``: an optional one-element PCollection ``{"problems": [...], "train_ok":
-        n, "dead": summary}`` checked before fitting (:func:`check_guard`)."""
+        n, "dead": summary}`` checked before fitting (:func:`check_guard`). ``read``: the
+        training input's ``ReadExamples``; when given, a combiner's later passes read it
+        again (``featurize.ReadChecked``) instead of waiting with every block buffered."""
         super().__init__()
         self.config, self.artifact_dir, self.queries = config, artifact_dir, queries
-        self.guard = guard
+        self.guard, self.read = guard, read
 
     def expand(self, blocks):
         from influence_ops import registry
@@ -153,9 +198,10 @@ class FitMethod(beam.PTransform):
             # --artifact: a method fitted by an earlier run (checked on the driver); the same
             # guard still holds back every later stage.
             return guard | "Reuse" >> beam.Map(_reuse, config.artifact)
-        # Every fit path starts after the guard's checks (an all-data combiner would otherwise
-        # sum Hessians over input the fit then refuses).
-        blocks = blocks | "Guard" >> beam.Map(_guarded, beam.pvalue.AsSingleton(guard))
+        # The guard is checked by the fit step, not on the blocks: a side input on the
+        # training blocks would make the runner buffer all of them until it is ready (the
+        # job's memory would grow with the training set). So on input the fit refuses
+        # (duplicate ids, nothing left), an all-data combiner has summed over it first.
         combiner = registry.get_method(config.method).combiner(config, _ModelFactory(config))
         if combiner is not None:
             # One combine per pass over all training blocks; a later pass receives the
@@ -167,17 +213,24 @@ class FitMethod(beam.PTransform):
             for i, comb in enumerate(passes):
                 side = {} if out is None else {
                     getattr(comb, "previous_keyword", "previous"): beam.pvalue.AsSingleton(out)}
-                out = elements | f"Combine{'' if i == 0 else i + 1}" >> beam.CombineGlobally(
+                source = elements
+                if out is not None and self.read is not None:
+                    # A later pass waits on the previous one: its input is read again (the
+                    # file elements wait, not the blocks).
+                    from pipelines.featurize import ReadChecked
+                    source = (blocks.pipeline | f"Reread{i + 1}" >> ReadChecked(
+                        self.read, config, out)
+                        | f"Elements{i + 1}" >> beam.Map(lambda b: (b.x, b.y)))
+                out = source | f"Combine{'' if i == 0 else i + 1}" >> beam.CombineGlobally(
                     BeamCombineFn(comb), **side)
             payload = out | "Tag" >> beam.Map(lambda out: ("combined", out))
         else:
             total = (blocks | "Count" >> beam.Map(len)
                      | "Total" >> beam.CombineGlobally(sum))
             payload = (blocks
-                       | "Sample" >> beam.ParDo(_SampleRows(config.fit_sample_size, config.seed),
-                                                beam.pvalue.AsSingleton(total))
-                       | "Gather" >> beam.combiners.ToList()
-                       | "Tag" >> beam.Map(lambda bs, n: ("sample", (bs, n)),
+                       | "Sample" >> beam.CombineGlobally(
+                           SmallestHashes(config.fit_sample_size, config.seed))
+                       | "Tag" >> beam.Map(lambda b, n: ("sample", (b, n)),
                                          beam.pvalue.AsSingleton(total)))
         queries = self.queries if self.queries is not None else (
             blocks.pipeline | "NoQueries" >> beam.Create([]))

@@ -152,17 +152,24 @@ class SecondOrderGroups(beam.PTransform):
     modest d and a modest number of groups.
     """
 
-    def __init__(self, config, artifact, query_blocks, n_train):
+    def __init__(self, config, artifact, query_blocks, n_train, read=None):
+        """``read``: the training input's ``ReadExamples``; when given, pass 2 reads it again
+        once the v1 are solved (``featurize.ReadChecked``) instead of consuming
+        ``train_blocks`` a second time (which the runner would buffer whole until then)."""
         super().__init__()
         self.config, self.artifact = config, artifact
-        self.query_blocks, self.n_train = query_blocks, n_train
+        self.query_blocks, self.n_train, self.read = query_blocks, n_train, read
 
     def expand(self, train_blocks):
         art = beam.pvalue.AsSingleton(self.artifact)
         v1 = (train_blocks | "GradSums" >> beam.ParDo(_GradientSums(self.config), art)
               | "CombineGrads" >> _combine_per_group()
               | "SolveV1" >> beam.ParDo(_SolveFirst(self.config), art))
-        hv = (train_blocks
+        again = train_blocks
+        if self.read is not None:
+            from pipelines.featurize import ReadChecked
+            again = train_blocks.pipeline | "Reread" >> ReadChecked(self.read, self.config, v1)
+        hv = (again
               | "MemberHVPs" >> beam.ParDo(_MemberHVPs(self.config), art,
                                            beam.pvalue.AsDict(v1))
               | "CombineHVPs" >> _combine_per_group())

@@ -369,9 +369,14 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
                                    beam.pvalue.AsSingleton(_total(train, "TrainChecked")),
                                    beam.pvalue.AsSingleton(dead_train), config.id_key))
     artifact = train | "FitMethod" >> fit.FitMethod(config, _join(out, ARTIFACT), queries,
-                                                    guard)
-    train_f, time_tf, dead_feat_t = train | "FeaturizeTrain" >> featurize.Featurize(
-        config, artifact, "train")
+                                                    guard, reads["train"])
+    # Pass 2 over the training input: the files (not the decoded examples) wait for the
+    # artifact, then each is read, checked and featurized again (featurize.ReadAndFeaturize).
+    # Group influence beyond first order takes its checked blocks from pass 2 (they need the
+    # artifact, so they come after it).
+    group_blocks = bool(opts.group_key) and opts.group_order != 1
+    train_f, time_tf, dead_feat_t, train_again = p | "FeaturizeTrain" >> (
+        featurize.ReadAndFeaturize(reads["train"], config, artifact, emit_blocks=group_blocks))
     query_f, time_qf, dead_feat_q = queries | "FeaturizeQueries" >> featurize.Featurize(
         config, artifact, "query")
     counts["train_examples_featurized"] = _total(train_f, "TrainFeaturized")
@@ -407,11 +412,13 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
                                            schemas.GROUP_SELF_SCHEMA)
         elif opts.group_order == "newton":
             from pipelines.group_newton import NewtonGroups
-            g_scores = train | "NewtonGroups" >> NewtonGroups(config, artifact, queries)
+            g_scores = train_again | "NewtonGroups" >> NewtonGroups(config, artifact, queries)
         else:
+            # Order 2's second pass (Hessian-vector products along the per-group solves of
+            # the first) reads the input a third time.
             n_train = _total(train, "TrainForGroups")
-            g_scores = train | "SecondOrderGroups" >> groups.SecondOrderGroups(
-                config, artifact, queries, n_train)
+            g_scores = train_again | "SecondOrderGroups" >> groups.SecondOrderGroups(
+                config, artifact, queries, n_train, reads["train"])
         tables["groups"] = g_scores
         written["groups"] = _write(g_scores, out, "groups", schemas.GROUP_SCHEMA)
     all_dead = ((dead_read_t, dead_read_q, dead_label_t, dead_label_q, dead_feat_t, dead_feat_q)
