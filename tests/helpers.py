@@ -81,3 +81,18 @@ def train(model, x, y, loss, epochs=200, lr=0.05):
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss)
     model.fit(x, y, epochs=epochs, batch_size=len(x), verbose=0)
     return model
+
+
+def logistic_setup(n: int, l2: float) -> dict:
+    """An L2 logistic regression at its optimum (Newton, float64) wrapped for influence, with
+    its numpy oracle: per-example gradients of train (``g``) and test (``gq``) examples and
+    the Hessian ``H`` of the objective."""
+    from influence_ops import InfluenceModel
+    x, y, xq, yq = logistic_data(n=n)
+    theta = newton_logistic(x, y, l2)
+    im = InfluenceModel(logistic_model(x.shape[1]), loss="binary_crossentropy",
+                        from_logits=True, l2=l2)
+    im.set_flat_params(theta)
+    g, H = logistic_oracle(theta, x, y, l2)
+    gq, _ = logistic_oracle(theta, xq, yq, l2)
+    return dict(im=im, x=x, y=y, xq=xq, yq=yq, g=g, gq=gq, H=H, theta=theta)

@@ -9,7 +9,7 @@ returning the training examples themselves, influence vectors saved and loaded."
 import numpy as np
 import pytest
 
-from influence_ops import InfluenceCalculator, InfluenceModel
+from influence_ops import InfluenceCalculator
 from influence_ops.api import iter_batches, reservoir_sample
 from tests import helpers
 
@@ -19,16 +19,10 @@ L2 = 0.05
 
 @pytest.fixture(scope="module")
 def logreg():
-    x, y, xq, yq = helpers.logistic_data(n=150)
-    model = helpers.logistic_model(x.shape[1])
-    theta = helpers.newton_logistic(x, y, L2)
-    im = InfluenceModel(model, loss="binary_crossentropy", from_logits=True, l2=L2)
-    im.set_flat_params(theta)
-    g, H = helpers.logistic_oracle(theta, x, y, L2)
-    gq, _ = helpers.logistic_oracle(theta, xq, yq, L2)
-    ref = gq @ np.linalg.solve(H, g.T)
-    selfref = np.sum(g * np.linalg.solve(H, g.T).T, axis=1)
-    return dict(im=im, x=x, y=y, xq=xq, yq=yq, g=g, H=H, ref=ref, self=selfref)
+    s = helpers.logistic_setup(150, L2)
+    s["ref"] = s["gq"] @ np.linalg.solve(s["H"], s["g"].T)
+    s["self"] = np.sum(s["g"] * np.linalg.solve(s["H"], s["g"].T).T, axis=1)
+    return s
 
 
 def _datasets(x, y):

@@ -16,14 +16,7 @@ L2 = 0.05
 
 @pytest.fixture(scope="module")
 def logreg():
-    x, y, xq, yq = helpers.logistic_data(n=90)
-    model = helpers.logistic_model(x.shape[1])
-    theta = helpers.newton_logistic(x, y, L2)
-    im = InfluenceModel(model, loss="binary_crossentropy", from_logits=True, l2=L2)
-    im.set_flat_params(theta)
-    g, H = helpers.logistic_oracle(theta, x, y, L2)
-    gq, _ = helpers.logistic_oracle(theta, xq, yq, L2)
-    return dict(im=im, x=x, y=y, xq=xq, yq=yq, g=g, gq=gq, H=H, theta=theta)
+    return helpers.logistic_setup(90, L2)
 
 
 def test_first_order_group_vectors_stream_and_give_the_group_scores(logreg):
