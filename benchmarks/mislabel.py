@@ -323,15 +323,7 @@ def render_html(runs: List[ScenarioRun], command: str) -> str:
             f"<figure>{report.inline_svg(fig)}</figure></section>")
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = "Mislabel detection: every method's ranking of flipped labels"
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title>
-<style>{report.CSS}</style>
-</head>
-<body>
+    return report.page_head(title) + f"""<body>
 <header><h1>{esc(title)}</h1>
 <div class="muted">Generated {now} by <code>{esc(command)}</code>. Top x%: the fraction of the
 flipped labels among the x% highest-ranked training examples; AUC: mean of the detection curve

@@ -155,6 +155,22 @@ def merge_sample(tables: List[pa.Table], size: int, seed: int) -> Optional[pa.Ta
     return t.take(pa.array(np.sort(keep)))
 
 
+def shown_ids(ranking: pa.Table, explain: Optional[pa.Table], top: int,
+              explain_queries: int):
+    """``(train ids, query ids)`` whose inputs the report shows: the ``top`` highest-ranked
+    training examples, the first ``explain_queries`` queries (in id order) and the train
+    examples listed for them."""
+    want_train = set(np.asarray(ranking.column("train_id").to_pylist()[:top], dtype=str))
+    want_query = []
+    if explain is not None and explain.num_rows:
+        want_query = sorted(set(explain.column("query_id").to_pylist()))[:explain_queries]
+        listed = np.isin(np.asarray(explain.column("query_id").to_pylist(), dtype=str),
+                         np.asarray(want_query, dtype=str))
+        want_train |= set(np.asarray(explain.column("train_id").to_pylist(),
+                                     dtype=str)[listed])
+    return sorted(want_train), want_query
+
+
 def select_examples(tables: List[pa.Table], ranking: pa.Table, explain: Optional[pa.Table],
                     top: int, explain_queries: int) -> Optional[pa.Table]:
     """The example rows the report shows: the ``top`` highest-ranked training examples, the
@@ -166,17 +182,9 @@ def select_examples(tables: List[pa.Table], ranking: pa.Table, explain: Optional
     t = pa.concat_tables(tables)
     ids = np.asarray(t.column("example_id").to_pylist(), dtype=str)
     role = np.asarray(t.column("role").to_pylist(), dtype=str)
-    want_train = set(np.asarray(ranking.column("train_id").to_pylist()[:top], dtype=str))
-    want_query = set()
-    if explain is not None and explain.num_rows:
-        qids = sorted(set(explain.column("query_id").to_pylist()))[:explain_queries]
-        want_query = set(qids)
-        listed = np.isin(np.asarray(explain.column("query_id").to_pylist(), dtype=str),
-                         np.asarray(qids, dtype=str))
-        want_train |= set(np.asarray(explain.column("train_id").to_pylist(),
-                                     dtype=str)[listed])
-    keep = np.where(role == "query", np.isin(ids, list(want_query) or [""]),
-                    np.isin(ids, list(want_train) or [""]))
+    want_train, want_query = shown_ids(ranking, explain, top, explain_queries)
+    keep = np.where(role == "query", np.isin(ids, want_query or [""]),
+                    np.isin(ids, want_train or [""]))
     # One row per (id, role): the newest table wins (tables are given oldest first).
     seen, rows = set(), []
     for i in range(len(ids) - 1, -1, -1):
@@ -370,13 +378,8 @@ def in_memory(calc, x, y, ids=None, queries=None, query_ids=None, k: int = 10,
         write_table(ranking, storage.join(output_dir, "audit"))
         if explain is not None:
             write_table(explain, storage.join(output_dir, "explain"))
-        want = list(order[:top])
-        if explain is not None:
-            first = sorted(set(explain.column("query_id").to_pylist()))[:explain_queries]
-            listed = np.isin(np.asarray(explain.column("query_id").to_pylist(), dtype=str),
-                             np.asarray(first, dtype=str))
-            want += list(np.asarray(explain.column("train_id").to_pylist(), dtype=str)[listed])
-        pick = np.flatnonzero(np.isin(ids, np.asarray(sorted(set(want)), dtype=str)))
+        want, first = shown_ids(ranking, explain, top, explain_queries)
+        pick = np.flatnonzero(np.isin(ids, np.asarray(want, dtype=str)))
         parts = [schemas.examples_table(ids[pick], "train", x[pick], yn[pick],
                                         schemas.labels_as_strings(yn[pick]),
                                         schemas.labels_as_strings(predicted[pick]))]

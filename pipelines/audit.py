@@ -123,13 +123,6 @@ def read_tables(folder: str):
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
-def write_table(table, folder: str, name: str = "part-00000.parquet") -> None:
-    import pyarrow.parquet as pq
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_atomic(storage.join(folder, name), buf.getvalue())
-
-
 def copy_tree(src: str, dst: str, last: Optional[str] = None) -> None:
     """Copies the files under ``src`` (one level) to ``dst``; ``last`` is copied last."""
     names = storage.listdir(src)
@@ -151,10 +144,12 @@ def partition_fingerprints(read) -> dict:
     from apache_beam.io.filesystems import FileSystems
     if read.kind == "tfds":
         return {read.rest: "tfds"}
+    # One match of the source's pattern (not one call per file: slow on gs:// with many).
+    meta = {m.path: m for m in FileSystems.match([read.rest])[0].metadata_list}
     out = {}
     for path, name in read.files:
-        meta = FileSystems.match([path])[0].metadata_list[0]
-        out[name] = f"{meta.size_in_bytes}:{int(getattr(meta, 'last_updated_in_seconds', 0))}"
+        m = meta.get(path) or FileSystems.match([path])[0].metadata_list[0]
+        out[name] = f"{m.size_in_bytes}:{int(getattr(m, 'last_updated_in_seconds', 0))}"
     return out
 
 
@@ -306,20 +301,20 @@ def audit(argv: Optional[List[str]] = None) -> dict:
             ranking = A.merge_rankings(prev_audit, new_self, run_id, keep_partitions=p["carry"])
     except ValueError as e:
         raise RunError(str(e)) from None
-    write_table(ranking, storage.join(out, "audit"))
+    A.write_table(ranking, storage.join(out, "audit"))
     explain = None
     if read_q is not None:
         parts_k = [read_tables(storage.join(prev_dir, "explain")) if p["carry"] else None,
                    read_tables(storage.join(job_dir, "topk")) if p["score"] else None]
         explain = A.merge_topk(parts_k, config.k)
-        write_table(explain, storage.join(out, "explain"))
+        A.write_table(explain, storage.join(out, "explain"))
     from pipelines.examples import EXPLAIN_QUERIES
     ex_parts = [read_tables(storage.join(prev_dir, "examples")) if p["carry"] else None,
                 read_tables(storage.join(job_dir, "examples")) if p["score"] else None]
     examples = A.select_examples(ex_parts, ranking, explain, config.examples_top,
                                  EXPLAIN_QUERIES)
     if examples is not None:
-        write_table(examples, storage.join(out, "examples"))
+        A.write_table(examples, storage.join(out, "examples"))
     sample = None
     if config.sample_rows:
         sample = A.merge_sample(
@@ -327,7 +322,7 @@ def audit(argv: Optional[List[str]] = None) -> dict:
              read_tables(storage.join(job_dir, "sample")) if p["score"] else None],
             config.sample_rows, config.seed)
         if sample is not None:
-            write_table(sample, storage.join(out, "sample"))
+            A.write_table(sample, storage.join(out, "sample"))
 
     # What the fitted method says about itself, and the spot check.
     from influence_ops import artifacts

@@ -41,17 +41,22 @@ def train_candidates(fb: FeatureBlock, top: int, k: int, qids=None, S=None):
     ``"self"`` (value = self-influence) or ``(query_id, kind)`` (value = score, or minus the
     score for opponents); ``S`` holds the block's scores against the explain queries."""
     n = len(fb)
+    tables = {}  # one row table per candidate row, whatever lists it is a candidate of
+
+    def table_of(i):
+        if i not in tables:
+            tables[i] = _rows(fb, [i], "train")
+        return tables[i]
     if top and n:
         for i in np.argsort(-np.asarray(fb.self_scores), kind="stable")[:top]:
-            yield ("self", float(fb.self_scores[i]), str(fb.ids[i]), _rows(fb, [i], "train"))
+            yield ("self", float(fb.self_scores[i]), str(fb.ids[i]), table_of(int(i)))
     if S is not None and n:
         kk = min(k, n)
         for j, qid in enumerate(qids[:EXPLAIN_QUERIES]):
             row = S[j]
             for kind, val in (("proponent", row), ("opponent", -row)):
                 for i in np.argpartition(-val, kk - 1)[:kk]:
-                    yield ((str(qid), kind), float(val[i]), str(fb.ids[i]),
-                           _rows(fb, [i], "train"))
+                    yield ((str(qid), kind), float(val[i]), str(fb.ids[i]), table_of(int(i)))
 
 
 def query_candidates(fb: FeatureBlock):

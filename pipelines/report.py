@@ -186,6 +186,20 @@ def _names(values: Iterable, limit: int = MAX_LISTED) -> str:
 _FIG_COUNTER = [0]
 
 
+def page_head(title: str) -> str:
+    """The start of a self-contained page up to ``</head>``: the report's inline CSS, nothing
+    loaded from the network (also used by ``benchmarks/mislabel.py``)."""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title>
+<style>{CSS}</style>
+</head>
+"""
+
+
 def inline_svg(fig) -> str:
     """A matplotlib figure as inline SVG: text as text (no glyph definitions), ids unique
     on the page, no XML prologue, DOCTYPE or metadata (nothing that names a URL).
@@ -737,15 +751,7 @@ def render_html(manifest: dict, rows: dict, top_rows: List[dict], explain, examp
         ids.append("detection")
     nav = "".join(f'<a href="#{s}">{HEADINGS[s]}</a>' for s in ids)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title>
-<style>{CSS}</style>
-</head>
-<body data-images-expected="{renderer.rendered}">
+    return page_head(title) + f"""<body data-images-expected="{renderer.rendered}">
 <header><h1>{esc(title)}</h1>
 <div class="muted">Run <code>{esc(run_id)}</code>, created {esc(manifest.get("created"))};
 report generated {now} from <code>{esc(run_dir)}</code>.</div></header>
