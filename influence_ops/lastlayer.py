@@ -17,16 +17,53 @@ agree everywhere.
 
 They run in numpy: no ``tf.function`` is traced, so the first call on a small problem (the
 digits-sized exact case: 1,200 x 330) costs milliseconds instead of the ~1 s TensorFlow spends
-tracing a jacobian and a projection; on large blocks the work is the same GEMMs the traced
-path runs. :mod:`influence_ops.gradients` dispatches here when :func:`applicable` holds;
-``tests/test_lastlayer.py`` checks every formula against the general TensorFlow path.
+tracing a jacobian and a projection. :mod:`influence_ops.gradients` dispatches here when
+:func:`applicable` holds: always for the Hessian sum (two GEMMs instead of a ``pfor``
+jacobian), and for gradients and projections while the wrapped model has seen fewer than
+:data:`CLOSED_FORM_ROWS` rows: past that, the compiled TensorFlow function has paid for its
+trace, and it runs on TensorFlow's thread pools (or a GPU). The numpy work runs with one BLAS
+thread: TensorFlow owns the cores, and OpenBLAS threads spinning against TensorFlow's made the
+same products 5-10x slower on 2 cores. ``tests/test_lastlayer.py`` checks every formula
+against the general TensorFlow path.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from influence_ops.model import InfluenceModel
+
+# Rows of gradients / projections served by the closed forms per wrapped model (about what a
+# trace costs on 2 cores); later calls take the compiled TensorFlow path.
+CLOSED_FORM_ROWS = 20000
+_BLAS = []
+
+
+def _one_blas_thread():
+    """A context limiting BLAS to one thread (threadpoolctl, a scikit-learn dependency), or a
+    no-op where threadpoolctl is not installed."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS.append(ThreadpoolController())
+        except ImportError:
+            _BLAS.append(None)
+    ctl = _BLAS[0]
+    return ctl.limit(limits=1, user_api="blas") if ctl is not None else contextlib.nullcontext()
+
+
+def use_for_rows(imodel: InfluenceModel, n: int) -> bool:
+    """True (and the rows counted) when a gradient / projection call of ``n`` rows should use
+    the closed forms: they apply and the model's budget of :data:`CLOSED_FORM_ROWS` lasts."""
+    if not applicable(imodel):
+        return False
+    used = imodel._fns.get("lastlayer_rows", 0)
+    if used + n > CLOSED_FORM_ROWS:
+        return False
+    imodel._fns["lastlayer_rows"] = used + n
+    return True
 
 
 def applicable(imodel: InfluenceModel) -> bool:
@@ -85,9 +122,10 @@ def _batches(n, batch_size):
 def per_example_gradients(imodel: InfluenceModel, x, y, batch_size: int) -> np.ndarray:
     dtype = imodel.dtype.as_numpy_dtype
     out = np.empty((len(x), imodel.n_params), dtype=dtype)
-    for sl in _batches(len(x), batch_size):
-        h, _, r, _ = _parts(imodel, x[sl], y[sl])
-        out[sl] = (h[:, :, None] * r[:, None, :]).reshape(len(h), -1)
+    with _one_blas_thread():
+        for sl in _batches(len(x), batch_size):
+            h, _, r, _ = _parts(imodel, x[sl], y[sl])
+            out[sl] = (h[:, :, None] * r[:, None, :]).reshape(len(h), -1)
     return out
 
 
@@ -98,11 +136,13 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
     P = np.asarray(projection, dtype)
     k = P.shape[1]
     out = np.empty((len(x), k), dtype=dtype)
-    for sl in _batches(len(x), batch_size):
-        h, _, r, _ = _parts(imodel, x[sl], y[sl])
-        C = r.shape[1]
-        t = (h.astype(dtype, copy=False) @ P.reshape(h.shape[1], C * k)).reshape(len(h), C, k)
-        out[sl] = np.einsum("nc,nck->nk", r.astype(dtype, copy=False), t)
+    with _one_blas_thread():
+        for sl in _batches(len(x), batch_size):
+            h, _, r, _ = _parts(imodel, x[sl], y[sl])
+            C = r.shape[1]
+            t = (h.astype(dtype, copy=False) @ P.reshape(h.shape[1], C * k)
+                 ).reshape(len(h), C, k)
+            out[sl] = np.einsum("nc,nck->nk", r.astype(dtype, copy=False), t)
     return out
 
 
@@ -112,14 +152,15 @@ def hessian_sum(imodel: InfluenceModel, x, y, batch_size: int) -> np.ndarray:
     ``B_i = vec(h~_i (outer) p_i)``."""
     d = imodel.n_params
     total = np.zeros((d, d), np.float64)
-    for sl in _batches(len(x), batch_size):
-        h, p, _, w = _parts(imodel, x[sl], y[sl])
-        n, a1 = h.shape
-        C = p.shape[1]
-        B = (h[:, :, None] * p[:, None, :]).reshape(n, a1 * C)
-        total -= (B * w[:, None]).T @ B
-        view = total.reshape(a1, C, a1, C)
-        wp = p * w[:, None]
-        for c in range(C):
-            view[:, c, :, c] += (h * wp[:, c:c + 1]).T @ h
+    with _one_blas_thread():
+        for sl in _batches(len(x), batch_size):
+            h, p, _, w = _parts(imodel, x[sl], y[sl])
+            n, a1 = h.shape
+            C = p.shape[1]
+            B = (h[:, :, None] * p[:, None, :]).reshape(n, a1 * C)
+            total -= (B * w[:, None]).T @ B
+            view = total.reshape(a1, C, a1, C)
+            wp = p * w[:, None]
+            for c in range(C):
+                view[:, c, :, c] += (h * wp[:, c:c + 1]).T @ h
     return total
