@@ -12,7 +12,8 @@ notebook API's ``fit(sample_weight=...)``, on the training side only.
 * Parquet (float32 features, so the oracle uses the float32-rounded inputs) with bad weights:
   null, negative, NaN and inf rows are dead-lettered, a weight-0 row is kept and scores 0.
 * A small float32 MLP with an iterative solver (pcg) and first-order groups against the
-  notebook API, at the float32 tolerance of tests/test_pipeline.py.
+  notebook API, at the float32 tolerance of tests/test_pipeline.py; in process, and (slow)
+  in two SDK worker processes.
 * Clear errors before the job: a missing or non-numeric weight column, methods and group
   orders that take no weights, an artifact fitted with the other objective, the audit's
   spot check.
@@ -232,14 +233,28 @@ def mlp(tmp_path_factory):
     return dict(dir=d, x=x, y=y, xq=xq, yq=yq, w=w, group=group)
 
 
-def test_pcg_and_groups_equal_the_notebook(mlp):
+@pytest.mark.parametrize("mode", [
+    "in_process", pytest.param("multi_processing", marks=pytest.mark.slow)])  # 26 s
+def test_pcg_and_groups_equal_the_notebook(mlp, monkeypatch, mode):
+    """Also in two SDK worker processes (``multi_processing``): the weights reach the
+    readers of both passes, the fit sample, the query solves and the groups there."""
     d = mlp
-    out = str(d["dir"] / "pcg")
+    out = str(d["dir"] / mode)
     opts = dict(solver="pcg", rank=4, arnoldi_iter=8, damping=0.01)
-    run_lib.run([f"--model={d['dir']}/model.keras", f"--train=npz:{d['dir']}/train.npz",
-                 f"--queries=npz:{d['dir']}/queries.npz", f"--output={out}", f"--k={K}",
-                 "--block_size=50", "--batch_size=32", "--l2=0.01", "--write_pairwise",
-                 "--weight_key=w", "--group_key=g"] + [f"--{k}={v}" for k, v in opts.items()])
+    flags = []
+    if mode == "multi_processing":
+        flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+        # The worker subprocesses inherit os.environ: they must import our packages.
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+            [repo] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    manifest = run_lib.run(
+        [f"--model={d['dir']}/model.keras", f"--train=npz:{d['dir']}/train.npz",
+         f"--queries=npz:{d['dir']}/queries.npz", f"--output={out}", f"--k={K}",
+         "--block_size=50", "--batch_size=32", "--l2=0.01", "--write_pairwise",
+         "--weight_key=w", "--group_key=g"] + flags + [f"--{k}={v}" for k, v in opts.items()])
+    if flags:
+        assert manifest["options"]["direct_running_mode"] == "multi_processing"
     calc = InfluenceCalculator(InfluenceModel(str(d["dir"] / "model.keras"), l2=0.01), **opts)
     train, q = (d["x"], d["y"], d["w"]), (d["xq"], d["yq"])
     calc.fit(train, queries=q, query_ids=query_ids(N_QUERY))
