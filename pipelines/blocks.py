@@ -15,8 +15,9 @@ from pipelines.constants import DEAD, TIMING
 class DeadLetter(NamedTuple):
     """A rejected row: where it came from, its id, why, and the stage that rejected it (one
     row of ``dead_letter/``). Stages: ``read`` (unparseable, missing value, wrong length,
-    non-finite features), ``check`` (a label the loss cannot take, a non-finite loss, before
-    the fit), ``featurize`` (non-finite gradient features, self-influence or loss)."""
+    non-finite features, a negative or non-finite sample weight), ``check`` (a label the
+    loss cannot take, a non-finite loss, before the fit), ``featurize`` (non-finite gradient
+    features, self-influence or loss)."""
     source: str
     example_id: str
     error: str
