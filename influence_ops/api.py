@@ -265,25 +265,6 @@ class InfluenceCalculator:
         x, y, w = as_arrays(data, self._x_rank, with_weights=True)
         return x, (self.imodel.pack_labels(y, w) if self.weighted else y)
 
-    WEIGHTED_SOLVERS = ("exact", "arnoldi", "cg", "lissa", "pcg")
-
-    def _check_weighted_support(self):
-        c = self.config
-        solver = getattr(self.method, "solver", None)
-        problems = []
-        if self.method.name not in ("influence", "relatif"):
-            problems.append(f"method={self.method.name}")
-        if solver not in self.WEIGHTED_SOLVERS or (solver == "pcg"
-                                                   and c.preconditioner == "ekfac"):
-            problems.append(f"solver={solver}" + ("/preconditioner=ekfac" if solver == "pcg"
-                                                  else ""))
-        if c.correction != "none":
-            problems.append(f"correction={c.correction}")
-        if problems:
-            raise ValueError("sample weights are supported for method influence / relatif with "
-                             f"solver {', '.join(self.WEIGHTED_SOLVERS)} (pcg with the arnoldi "
-                             f"preconditioner) and correction='none'; not {', '.join(problems)}")
-
     def fit(self, train, queries=None, query_ids=None, sample_weight=None
             ) -> "InfluenceCalculator":
         """Fits the method on ``train``: ``(x, y)`` or ``(x, y, sample_weight)`` arrays or a
@@ -308,7 +289,7 @@ class InfluenceCalculator:
         rows seen, not the sample's."""
         weighted = sample_weight is not None or _has_weights(train)
         if weighted:
-            self._check_weighted_support()
+            self.config.check_sample_weights()  # the one rule, shared with --weight_key
         self.imodel.set_sample_weighted(weighted)
         if not weighted and self._fit_by_combiner(train):
             return self

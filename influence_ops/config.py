@@ -153,6 +153,14 @@ class InfluenceConfig:
         "data", "id column / array; empty = ids from source name + row index"))
     group_key: str = field(default="", metadata=_opt(
         "data", "group-id column for group influence"))
+    weight_key: str = field(default="", metadata=_opt(
+        "data", "sample-weight column / array / key of --train (numbers, finite and >= 0): "
+                "the objective becomes (1/n) sum_i w_i l_i, so the Hessian, the train "
+                "gradients w_i g_i, self-influence and the loss column are weighted; rows "
+                "with a missing, negative or non-finite weight are dead-lettered; --queries "
+                "are unweighted (a column of that name there is ignored). Methods influence "
+                "/ relatif with solver exact, arnoldi, cg, lissa or pcg (arnoldi "
+                "preconditioner), --correction=none, first-order groups"))
     input_shape: str = field(default="", metadata=_opt(
         "data", "shape of one example, e.g. 28,28,1 (to reshape flat lists; flat Parquet "
                 "lists default to the model's input shape)"))
@@ -358,8 +366,41 @@ class InfluenceConfig:
                 "--correction=loo corrects each example's train features; summed per group "
                 "they do not predict removing the group: use --group_order=newton (the group's "
                 "own curvature taken out of H) or run groups without --correction")
+        if self.weight_key:
+            self.check_sample_weights()
         method_cls.validate_config(self)
         return self
+
+    WEIGHTED_SOLVERS = ("exact", "arnoldi", "cg", "lissa", "pcg")
+
+    def check_sample_weights(self) -> None:
+        """Raises :class:`ConfigError` unless the method takes sample weights (the notebook
+        API's ``fit(sample_weight=...)`` and the pipeline's ``--weight_key``): influence /
+        relatif with a curvature model whose fit is a weighted Hessian (K-FAC / EK-FAC
+        factors and the leave-one-out correction's per-example Hessians are not weighted),
+        and groups of first order (order 2 and Newton count members, not weights)."""
+        from influence_ops import registry
+        solver = self.solver or getattr(registry.get_method(self.method), "default_solver",
+                                        None)
+        problems = []
+        if self.method not in ("influence", "relatif"):
+            problems.append(f"method={self.method}")
+        elif solver not in self.WEIGHTED_SOLVERS or (solver == "pcg"
+                                                     and self.preconditioner == "ekfac"):
+            problems.append(f"solver={solver}" + ("/preconditioner=ekfac" if solver == "pcg"
+                                                  else ""))
+        if self.correction != "none":
+            problems.append(f"correction={self.correction}")
+        if problems:
+            raise ConfigError(
+                "sample weights are supported for method influence / relatif with solver "
+                f"{', '.join(self.WEIGHTED_SOLVERS)} (pcg with the arnoldi preconditioner) "
+                f"and correction='none'; not {', '.join(problems)}")
+        if self.group_key and self.group_order != 1:
+            raise ConfigError(
+                f"--group_order={self.group_order} does not take sample weights (its "
+                "coefficients count the group's members); use --group_order=1 with "
+                "--weight_key")
 
     # -- views --------------------------------------------------------------------------------
     def method_options(self) -> dict:

@@ -231,18 +231,23 @@ def audit(argv: Optional[List[str]] = None) -> dict:
         config.replace(output=root).validate(for_job=True)
     except Exception as e:  # noqa: BLE001 - ConfigError names the option
         raise RunError(str(e)) from None
+    if config.weight_key and args.spot_check:
+        raise RunError("--spot_check retrains on the examples tables, which do not carry the "
+                       "sample weights: pass --spot_check=0 with --weight_key")
     run_dir = _run_dir(root, run_id)
     if storage.exists(storage.join(run_dir, "CURRENT")) and not args.replace:
         raise RunError(f"audit run {run_id!r} already exists under {root}; pass --replace to "
                        "replace it (atomically) or choose another --run_id")
 
     # The model and what identifies its fitted method.
-    from influence_ops.api import build_imodel
-    from pipelines.worker import configure_worker
+    from pipelines.worker import configure_worker, job_imodel
     configure_worker(config)
-    imodel = build_imodel(config)
+    imodel = job_imodel(config)
     fingerprint = imodel.fingerprint()
-    key = artifact_key(fingerprint, config.method_options())
+    # A weighted fit is of another objective: stored under its own key (unweighted keys are
+    # those of earlier versions).
+    key = artifact_key(fingerprint, dict(config.method_options(), weight_key=config.weight_key)
+                       if config.weight_key else config.method_options())
     stored = storage.join(root, "artifacts", key)
     reuse = (not args.refit) and storage.exists(storage.join(stored, "manifest.json"))
 

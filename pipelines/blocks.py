@@ -15,8 +15,9 @@ from pipelines.constants import DEAD, TIMING
 class DeadLetter(NamedTuple):
     """A rejected row: where it came from, its id, why, and the stage that rejected it (one
     row of ``dead_letter/``). Stages: ``read`` (unparseable, missing value, wrong length,
-    non-finite features), ``check`` (a label the loss cannot take, a non-finite loss, before
-    the fit), ``featurize`` (non-finite gradient features, self-influence or loss)."""
+    non-finite features, a negative or non-finite sample weight), ``check`` (a label the
+    loss cannot take, a non-finite loss, before the fit), ``featurize`` (non-finite gradient
+    features, self-influence or loss)."""
     source: str
     example_id: str
     error: str
@@ -50,19 +51,31 @@ def timing(stage: str, seconds: float) -> beam.pvalue.TaggedOutput:
 
 @dataclass
 class Block:
-    """``ids`` ``(n,)`` str, ``x`` ``(n, ...)``, ``y`` ``(n, ...)``, optional ``group`` ``(n,)``."""
+    """``ids`` ``(n,)`` str, ``x`` ``(n, ...)``, ``y`` ``(n, ...)``, optional ``group`` ``(n,)``
+    and ``weight`` ``(n,)`` float64 (``--weight_key``, training rows only)."""
     ids: np.ndarray
     x: np.ndarray
     y: np.ndarray
     group: Optional[np.ndarray] = None
     source: str = ""
+    weight: Optional[np.ndarray] = None
 
     def __len__(self):
         return len(self.ids)
 
     def take(self, mask_or_index) -> "Block":
+        def take(a):
+            return None if a is None else a[mask_or_index]
         return Block(self.ids[mask_or_index], self.x[mask_or_index], self.y[mask_or_index],
-                     None if self.group is None else self.group[mask_or_index], self.source)
+                     take(self.group), self.source, take(self.weight))
+
+    def method_labels(self, imodel) -> np.ndarray:
+        """The labels the model's loss takes: normalised, or, for a sample-weighted model
+        (``--weight_key``, ``InfluenceModel.set_sample_weighted``), packed with the rows'
+        weights (1 for rows without: queries). Tables and predictions keep ``y`` as given."""
+        if imodel.sample_weighted:
+            return imodel.pack_labels(self.y, self.weight)
+        return imodel.normalize_labels(self.y)
 
 
 @dataclass
@@ -90,17 +103,20 @@ def concat(blocks) -> Block:
     blocks = [b for b in blocks if len(b)]
     if not blocks:
         raise ValueError("no examples")
-    group = (None if any(b.group is None for b in blocks)
-             else np.concatenate([b.group for b in blocks]))
+    def joined(name):
+        parts = [getattr(b, name) for b in blocks]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
     return Block(np.concatenate([b.ids for b in blocks]), np.concatenate([b.x for b in blocks]),
-                 np.concatenate([b.y for b in blocks]), group, blocks[0].source)
+                 np.concatenate([b.y for b in blocks]), joined("group"), blocks[0].source,
+                 joined("weight"))
 
 
-def split_rows(ids, x, y, group, block_size, source):
+def split_rows(ids, x, y, group, block_size, source, weight=None):
     for start in range(0, len(ids), block_size):
         s = slice(start, start + block_size)
         yield Block(np.asarray(ids[s]).astype(str), x[s], y[s],
-                    None if group is None else np.asarray(group[s]).astype(str), source)
+                    None if group is None else np.asarray(group[s]).astype(str), source,
+                    None if weight is None else weight[s])
 
 
 def row_ids(source: str, start: int, n: int, width: int = 9) -> np.ndarray:

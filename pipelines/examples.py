@@ -105,7 +105,7 @@ class _Sample(ModelDoFn):
         keep = np.sort(np.argsort(u, kind="stable")[:self.size])
         sub = block.take(keep)
         y = imodel.normalize_labels(sub.y)
-        _, outputs = G.losses_and_outputs(imodel, sub.x, y)
+        _, outputs = G.losses_and_outputs(imodel, sub.x, sub.method_labels(imodel))
         predicted, _ = G.predicted_labels(imodel, outputs, y)
         table = examples_table(sub.ids, "sample", sub.x, y, labels_as_strings(y),
                                labels_as_strings(predicted))

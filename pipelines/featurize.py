@@ -67,7 +67,7 @@ def check_block(imodel, block: Block, dead=None):
         block = block.take(~bad)
     if not len(block):
         return
-    losses = G.per_example_losses(imodel, block.x, imodel.normalize_labels(block.y))
+    losses = G.per_example_losses(imodel, block.x, block.method_labels(imodel))
     finite = np.isfinite(losses)
     if not finite.all():
         if dead is not None:
@@ -117,10 +117,12 @@ class _FeaturizeDoFn(ModelDoFn):
         loaded = self.loaded(artifact)
         imodel, method = loaded.imodel, loaded.method
         y = imodel.normalize_labels(block.y)  # bad labels were dead-lettered before the fit
+        ym = block.method_labels(imodel)  # what the loss takes: weighted with --weight_key
         labels = labels_as_strings(y)
         if self.role == "train":
-            phi, psi, self_scores = method.featurize_train(block.x, y)
-            losses, outputs = G.losses_and_outputs(imodel, block.x, y)
+            # --weight_key: features, self-influence and loss are those of w_i l_i.
+            phi, psi, self_scores = method.featurize_train(block.x, ym)
+            losses, outputs = G.losses_and_outputs(imodel, block.x, ym)
             predicted, confidence = G.predicted_labels(imodel, outputs, y)
             extra = {}
             if self.config.boundary != "none":
@@ -134,10 +136,10 @@ class _FeaturizeDoFn(ModelDoFn):
                 out.x, out.y = block.x, y
             bad = _nonfinite_rows(phi, psi, self_scores, losses)
         else:
-            psi = method.query_features(block.x, y, block.ids)
+            psi = method.query_features(block.x, ym, block.ids)
             out = FeatureBlock(block.ids, psi, labels)
             if self.config.examples_top:
-                _, outputs = G.losses_and_outputs(imodel, block.x, y)
+                _, outputs = G.losses_and_outputs(imodel, block.x, ym)
                 out.predicted = labels_as_strings(G.predicted_labels(imodel, outputs, y)[0])
                 out.x, out.y = block.x, y
             bad = _nonfinite_rows(psi)

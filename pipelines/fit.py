@@ -120,11 +120,11 @@ class _FitDoFn(ModelDoFn):
             sample = final_sample([data] if data is not None else [],
                                   self.config.fit_sample_size, self.config.seed)
             log.info("fit: %s on a sample of %d examples", self.config.method, len(sample))
-            y = imodel.normalize_labels(sample.y)
+            y = sample.method_labels(imodel)
             if method.needs_queries and any(len(b) for b in queries):
                 q = concat(queries)
                 q = q.take(np.argsort(q.ids, kind="stable"))
-                method.fit(sample.x, y, q.x, imodel.normalize_labels(q.y), q.ids)
+                method.fit(sample.x, y, q.x, q.method_labels(imodel), q.ids)
             else:
                 method.fit(sample.x, y)
             if getattr(method, "n_train", None) is not None:
@@ -132,8 +132,10 @@ class _FitDoFn(ModelDoFn):
                 # not the sample's.
                 method.n_train = int(total)
         sec = time.time() - t0
-        artifacts.save_method(method, self.config, self.artifact_dir,
-                              extra={"fit_seconds": round(sec, 3)})
+        extra = {"fit_seconds": round(sec, 3)}
+        if imodel.sample_weighted:  # loads weighted (InfluenceCalculator.load, --artifact)
+            extra["sample_weighted"] = True
+        artifacts.save_method(method, self.config, self.artifact_dir, extra=extra)
         beam.metrics.Metrics.distribution(NAMESPACE, "fit_ms").update(int(sec * 1000))
         log.info("fit: artifact written to %s in %.1fs", self.artifact_dir, sec)
         yield self.artifact_dir
@@ -177,6 +179,14 @@ class _ModelFactory:
         return acquire(self.config).imodel
 
 
+def _combine_element(block: Block, weighted=None):
+    """A training block as a fit combiner's ``(x, y)`` element. ``weighted``: the model
+    factory of a ``--weight_key`` job, whose labels are packed with the rows' weights."""
+    if weighted is None:
+        return block.x, block.y
+    return block.x, block.method_labels(weighted())
+
+
 class FitMethod(beam.PTransform):
     """``blocks -> artifact path`` (a one-element PCollection used as a singleton side input)."""
 
@@ -208,7 +218,8 @@ class FitMethod(beam.PTransform):
             # previous pass's output as a side input keyword (EK-FAC: factors, then the
             # eigenvalue correction in their eigenbasis).
             passes = combiner if isinstance(combiner, (list, tuple)) else [combiner]
-            elements = blocks | "Elements" >> beam.Map(lambda b: (b.x, b.y))
+            weighted = _ModelFactory(config) if config.weight_key else None
+            elements = blocks | "Elements" >> beam.Map(_combine_element, weighted)
             out = None
             for i, comb in enumerate(passes):
                 side = {} if out is None else {
@@ -220,7 +231,7 @@ class FitMethod(beam.PTransform):
                     from pipelines.featurize import ReadChecked
                     source = (blocks.pipeline | f"Reread{i + 1}" >> ReadChecked(
                         self.read, config, out)
-                        | f"Elements{i + 1}" >> beam.Map(lambda b: (b.x, b.y)))
+                        | f"Elements{i + 1}" >> beam.Map(_combine_element, weighted))
                 out = source | f"Combine{'' if i == 0 else i + 1}" >> beam.CombineGlobally(
                     BeamCombineFn(comb), **side)
             payload = out | "Tag" >> beam.Map(lambda out: ("combined", out))

@@ -3,7 +3,8 @@
 Source specs (``--train`` / ``--queries``):
 
 * ``npz:PATH_OR_GLOB``   NumPy ``.npz`` archives with arrays named by ``--x_key``/``--y_key``
-  (and optionally ``--id_key``/``--group_key``); loaded with ``allow_pickle=False``.
+  (and optionally ``--id_key``/``--group_key``/``--weight_key``); loaded with
+  ``allow_pickle=False``.
 * ``parquet:GLOB``       Parquet files; ``--x_key`` is a list column (reshaped with
   ``--input_shape``) or comma-separated scalar columns.
 * ``tfrecord:GLOB``      ``tf.train.Example`` records parsed with ``--feature_spec``
@@ -16,9 +17,11 @@ Ids: the ``--id_key`` column when given, else ``<source>:<zero-padded row index>
 across runs, runners and sharding. ``<source>`` is the file's base name (its path relative to
 the files' common folder when two matched files share a base name), or ``NAME/SPLIT`` for TFDS,
 where the row index is the example's position in the split read file by file, in order.
-Rows with non-finite features, a wrong shape or a missing value go to the dead-letter output
-(tag ``dead``) with the reason, never silently dropped; they count as read, so that
-``examples_read`` = rows passed on + rows dead-lettered.
+Rows with non-finite features, a wrong shape, a missing value or a negative or non-finite
+sample weight (``--weight_key``) go to the dead-letter output (tag ``dead``) with the reason,
+never silently dropped; they count as read, so that ``examples_read`` = rows passed on + rows
+dead-lettered. A weight column that is not numbers fails the job naming the file. Weights
+are read for the training side only: a query source never reads ``--weight_key``.
 
 Files that cannot be read are named errors, never short reads: a truncated or corrupt
 ``.npz`` archive, a Parquet file that is not Parquet, fails a page checksum or holds fewer
@@ -163,6 +166,27 @@ def _npz_head(fileobj, keys, limit: int):
     return out
 
 
+def optional_keys(cfg: dict) -> List[str]:
+    """The optional columns / arrays / features a source must have: ``--id_key``,
+    ``--group_key`` and ``--weight_key``, those that are set."""
+    return [cfg[k] for k in ("id_key", "group_key", "weight_key") if cfg.get(k)]
+
+
+def _weights(where: str, values, key: str) -> np.ndarray:
+    """The ``--weight_key`` values as float64 ``(n,)``. A column that is not numbers, or holds
+    more than one per row, is a SourceError naming the file; negative and non-finite weights
+    are rejected row by row (:class:`ValidateBlocks`)."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "iuf":
+        raise SourceError(f"{where}: weight {key!r} (--weight_key) holds {a.dtype} values "
+                          "(e.g. " + (repr(a.reshape(-1)[0]) if a.size else "none") +
+                          "); expected numbers")
+    if a.size != len(a):
+        raise SourceError(f"{where}: weight {key!r} (--weight_key) has shape "
+                          f"{tuple(a.shape[1:])} per row; expected one number")
+    return a.reshape(len(a)).astype(np.float64)
+
+
 def _check_row_shape(path, x, shape):
     """Reshapes ``x`` to ``(n,) + shape`` when ``--input_shape`` is given."""
     if shape is None or tuple(x.shape[1:]) == shape:
@@ -181,9 +205,9 @@ class _ReadFile(beam.DoFn):
         self.read_counter = beam.metrics.Metrics.counter(NAMESPACE, "examples_read")
         self.dead_counter = beam.metrics.Metrics.counter(NAMESPACE, "examples_dead_lettered")
 
-    def _emit(self, ids, x, y, group, source):
+    def _emit(self, ids, x, y, group, source, weight=None):
         self.read_counter.inc(len(ids))
-        for b in split_rows(ids, x, y, group, self.cfg["block_size"], source):
+        for b in split_rows(ids, x, y, group, self.cfg["block_size"], source, weight):
             yield b
 
     def _dead(self, source, ids, reasons):
@@ -194,8 +218,7 @@ class _ReadFile(beam.DoFn):
             yield dead_letter(source, i, r)
 
     def _keys(self):
-        c = self.cfg
-        return [c["x_key"], c["y_key"]] + [k for k in (c["id_key"], c["group_key"]) if k]
+        return [self.cfg["x_key"], self.cfg["y_key"]] + optional_keys(self.cfg)
 
 
 class _ReadNpz(_ReadFile):
@@ -235,12 +258,16 @@ class _ReadNpz(_ReadFile):
         n = len(x)
         ids = _as_str(data[c["id_key"]]) if c["id_key"] else row_ids(source, 0, n)
         group = _as_str(data[c["group_key"]]) if c["group_key"] else None
-        for key, arr in ((c["y_key"], y), (c["id_key"], ids), (c["group_key"], group)):
+        weight = data[c["weight_key"]] if c["weight_key"] else None
+        for key, arr in ((c["y_key"], y), (c["id_key"], ids), (c["group_key"], group),
+                         (c["weight_key"], weight)):
             if arr is not None and len(arr) != n:
                 raise SourceError(f"{path}: array {key!r} has {len(arr)} rows, "
                                   f"{c['x_key']!r} has {n}")
+        if weight is not None:
+            weight = _weights(path, weight, c["weight_key"])
         x = _check_row_shape(path, x, _parse_shape(c["input_shape"]))
-        yield from self._emit(ids, x, y, group, source)
+        yield from self._emit(ids, x, y, group, source, weight)
 
 
 def _is_list(t) -> bool:
@@ -271,8 +298,7 @@ class _ReadParquet(_ReadFile):
         c = self.cfg
         shape = _parse_shape(c["input_shape"])
         x_cols = [s.strip() for s in c["x_key"].split(",") if s.strip()]
-        columns = list(dict.fromkeys(
-            x_cols + [c["y_key"]] + [k for k in (c["id_key"], c["group_key"]) if k]))
+        columns = list(dict.fromkeys(x_cols + [c["y_key"]] + optional_keys(c)))
         try:
             with FileSystems.open(path) as f:
                 pf = pq.ParquetFile(io.BytesIO(f.read()), page_checksum_verification=True)
@@ -338,7 +364,8 @@ class _ReadParquet(_ReadFile):
                     reasons[null] = f"missing id ({c['id_key']!r} is null)"
             else:
                 ids = fallback
-            for key, what in ((c["y_key"], "label"), (c["group_key"], "group")):
+            for key, what in ((c["y_key"], "label"), (c["group_key"], "group"),
+                              (c["weight_key"], "weight")):
                 col = batch.column(key) if key else None
                 if col is not None and col.null_count:
                     null = np.asarray(col.is_null()) & (reasons == "")
@@ -366,6 +393,8 @@ class _ReadParquet(_ReadFile):
             m = batch.num_rows
             y = batch.column(c["y_key"]).to_numpy(zero_copy_only=False)
             group = _arrow_str(batch.column(c["group_key"])) if c["group_key"] else None
+            weight = (_weights(path, batch.column(c["weight_key"]).to_numpy(
+                zero_copy_only=False), c["weight_key"]) if c["weight_key"] else None)
             if list_x:
                 values = batch.column(x_cols[0]).flatten()  # honours slice offsets
                 x = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
@@ -376,7 +405,7 @@ class _ReadParquet(_ReadFile):
                                          dtype=np.float32) for k in x_cols], axis=1)
                 if shape:
                     x = x.reshape((m,) + shape)
-            yield from self._emit(ids, x, y, group, source)
+            yield from self._emit(ids, x, y, group, source, weight)
         if start != pf.metadata.num_rows:
             raise SourceError(f"{path}: read {start} rows but the Parquet footer says "
                               f"{pf.metadata.num_rows}: the file is damaged")
@@ -399,10 +428,15 @@ def parse_feature_spec(cfg: dict):
         if dtype not in ("float32", "int64", "string"):
             raise SourceError(f"--feature_spec: {key!r} has dtype {dtype!r}; tf.train.Example "
                               "holds float32, int64 or string")
-    keys = [cfg["x_key"], cfg["y_key"]] + [k for k in (cfg["id_key"], cfg["group_key"]) if k]
+    keys = [cfg["x_key"], cfg["y_key"]] + optional_keys(cfg)
     missing = [k for k in keys if k not in spec]
     if missing:
         raise SourceError(f"--feature_spec has no entry for {missing} (has {sorted(spec)})")
+    weight_key = cfg.get("weight_key")
+    if weight_key and (spec[weight_key][1] == "string" or int(np.prod(spec[weight_key][0])) != 1):
+        raise SourceError(f"--feature_spec: the weight {weight_key!r} (--weight_key) is "
+                          f"{list(spec[weight_key][0])} {spec[weight_key][1]}; expected one "
+                          'number per example, e.g. [[], "float32"]')
     return spec
 
 
@@ -548,8 +582,10 @@ class _ReadTFRecord(_ReadFile):
                         continue
                 ids = _as_str(rec[c["id_key"]]).reshape(-1) if c["id_key"] else fallback
                 group = _as_str(rec[c["group_key"]]).reshape(-1) if c["group_key"] else None
+                weight = (_weights(path, rec[c["weight_key"]], c["weight_key"])
+                          if c["weight_key"] else None)
                 x = _check_row_shape(path, rec[c["x_key"]], shape)
-                yield from self._emit(ids, x, rec[c["y_key"]], group, source)
+                yield from self._emit(ids, x, rec[c["y_key"]], group, source, weight)
         except tf.errors.DataLossError as e:
             raise SourceError(f"{path}: corrupt TFRecord file ({_tf_message(e)})") from e
         if frames is not None and start != frames and not c.get("limit"):
@@ -659,15 +695,18 @@ class _ReadTfdsShard(_ReadFile):
                    else row_ids(source, start, n))
             start += n
             group = _as_str(rec[c["group_key"]]).reshape(-1) if c["group_key"] else None
+            weight = (_weights(f"tfds:{source}", rec[c["weight_key"]], c["weight_key"])
+                      if c["weight_key"] else None)
             x = _check_row_shape(source, rec[c["x_key"]], shape)
-            yield from self._emit(ids, x, rec[c["y_key"]], group, source)
+            yield from self._emit(ids, x, rec[c["y_key"]], group, source, weight)
         if start != b:
             raise SourceError(f"tfds:{name}/{split}[{a}:{b}]: read {start - a} examples, "
                               f"expected {b - a}")
 
 
 class ValidateBlocks(beam.DoFn):
-    """Dead-letters rows with non-finite features; passes the rest on."""
+    """Dead-letters rows with non-finite features or a sample weight that is negative or not
+    finite; passes the rest on."""
 
     def __init__(self):
         self.bad = beam.metrics.Metrics.counter(NAMESPACE, "examples_dead_lettered")
@@ -680,6 +719,15 @@ class ValidateBlocks(beam.DoFn):
                 self.bad.inc(int((~finite).sum()))
                 yield from dead_rows(block, ~finite, "non-finite feature values")
                 block = block.take(finite)
+        if block.weight is not None:
+            w = block.weight
+            ok = np.isfinite(w) & (w >= 0)
+            if not ok.all():
+                self.bad.inc(int((~ok).sum()))
+                yield from dead_rows(block, ~ok, lambda i: (
+                    f"sample weight {w[i]} (--weight_key) is negative or not finite; "
+                    "weights must be finite and >= 0"))
+                block = block.take(ok)
         if len(block):
             yield block
 
@@ -695,14 +743,14 @@ class ReadExamples(beam.PTransform):
         self.kind, self.rest = parse_source(spec)
         self.role = role
         self.cfg = {k: getattr(config, k) for k in (
-            "x_key", "y_key", "id_key", "group_key", "input_shape", "feature_spec",
-            "tfds_data_dir", "block_size")}
+            "x_key", "y_key", "id_key", "group_key", "weight_key", "input_shape",
+            "feature_spec", "tfds_data_dir", "block_size")}
         # The shape of one example the model takes (all dimensions known), or None: the
         # length flat Parquet lists must have.
         self.cfg["example_shape"] = (tuple(int(d) for d in example_shape)
                                      if example_shape and None not in example_shape else None)
-        if role == "query":
-            self.cfg["group_key"] = ""
+        if role == "query":  # queries are unweighted and have no groups
+            self.cfg["group_key"] = self.cfg["weight_key"] = ""
         if not self.cfg["block_size"] or self.cfg["block_size"] < 1:
             raise SourceError(f"--block_size={self.cfg['block_size']}: must be >= 1")
         _parse_shape(self.cfg["input_shape"])
@@ -712,7 +760,7 @@ class ReadExamples(beam.PTransform):
             files = match_files(self.rest)  # fail at construction: clear, early error
             self.files = list(zip(files, source_names(files)))
         else:
-            keys = [self.cfg[k] for k in ("x_key", "y_key", "id_key", "group_key")]
+            keys = [self.cfg["x_key"], self.cfg["y_key"]] + optional_keys(self.cfg)
             self.shards = tfds_shards(self.rest, self.cfg["tfds_data_dir"], keys)
 
     def partitions(self) -> List[str]:

@@ -210,7 +210,8 @@ def check_examples(config: InfluenceConfig, imodel, role: str, read: ReadExample
     ok = b.take(~bad)
     try:
         # (the gradient function computes the loss: one trace, not two)
-        G.per_example_gradients(imodel, ok.x[:2], imodel.normalize_labels(ok.y[:2]))
+        two = ok.take(slice(0, 2))
+        G.per_example_gradients(imodel, two.x, two.method_labels(imodel))
     except Exception as e:  # noqa: BLE001 - anything TF raises: one sentence, not a trace
         raise RunError(f"{where} (example {ok.ids[0]}): the model cannot compute the loss "
                        f"--loss={imodel.loss_spec} or its gradient: {tf_error_text(e)}") from e
@@ -272,6 +273,13 @@ def check_artifact(config: InfluenceConfig, imodel) -> None:
         artifacts.load_method_and_config(config.artifact, imodel)
     except artifacts.ArtifactError as e:
         raise RunError(f"--artifact: {e}") from None
+    if bool(manifest.get("sample_weighted")) != bool(config.weight_key):
+        raise RunError(f"--artifact {config.artifact} was fitted "
+                       + ("with" if manifest.get("sample_weighted") else "without")
+                       + " sample weights and this run is "
+                       + (f"weighted (--weight_key={config.weight_key})" if config.weight_key
+                          else "unweighted (no --weight_key)")
+                       + ": its Hessian is of another objective; drop --artifact to refit")
     want = config.method_options()
     have = manifest.get("options", {})
     differ = [f"--{k}={have.get(k)!r} (this run: {want[k]!r})" for k in sorted(want)
@@ -541,14 +549,13 @@ def run(argv: Optional[List[str]] = None, options: Optional[PipelineOptions] = N
     opts.view_as(SetupOptions).save_main_session = False
     config = validate(job_config(opts))
     # Before anything runs a TF op in this process (the default runner's workers share it).
-    from pipelines.worker import configure_worker
+    from pipelines.worker import configure_worker, job_imodel
     configure_worker(config)
     # Driver-side file operations (output checks, manifest, marker) use the job's options too.
     FileSystems.set_options(opts)
     # Fail fast on the driver: the model must load, the target layers must exist, and the
     # first examples of each source must fit the model (before the output is touched).
-    from influence_ops.api import build_imodel
-    imodel = build_imodel(config)
+    imodel = job_imodel(config)
     reads = {"train": ReadExamples(config.train, config, "train", imodel.input_shape),
              "query": (ReadExamples(config.queries, config, "query", imodel.input_shape)
                        if config.queries else None)}

@@ -31,21 +31,31 @@ def configure_worker(config) -> dict:
     return in_effect
 
 
+def job_imodel(config):
+    """The job's model wrapper, on the driver and on every worker: sample-weighted when
+    ``--weight_key`` is set (every label array it takes is ``Block.method_labels``: packed
+    with the row's weight, 1 for queries; the per-example loss is ``w_i l_i``)."""
+    from influence_ops.api import build_imodel
+    imodel = build_imodel(config)
+    imodel.set_sample_weighted(bool(config.weight_key))
+    return imodel
+
+
 def acquire(config, artifact: Optional[str] = None) -> Loaded:
     """Model (+ artifact) loaded once per worker process and shared by all DoFn instances."""
 
     def load():
         t = time.time()
         from influence_ops import artifacts
-        from influence_ops.api import build_imodel
-        imodel = build_imodel(config)
+        imodel = job_imodel(config)
         method = artifacts.load_method(artifact, imodel) if artifact else None
         sec = time.time() - t
         beam.metrics.Metrics.distribution(NAMESPACE, "model_load_ms").update(int(sec * 1000))
         log.info("loaded model %s%s in %.1fs", config.model,
                  f" and artifact {artifact}" if artifact else "", sec)
         return Loaded(imodel, method, sec)
-    return _SHARED.acquire(load, tag=f"{config.model}|{artifact}")
+    # Weighted and unweighted wrappers of one model differ (their losses): never shared.
+    return _SHARED.acquire(load, tag=f"{config.model}|{artifact}|{config.weight_key}")
 
 
 class ModelDoFn(beam.DoFn):

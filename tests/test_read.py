@@ -239,6 +239,29 @@ def test_every_format_reads_every_example_once(request, data, fmt, use_id_key):
     assert read == N
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_weight_key_reaches_every_reader(request, data, fmt):
+    """``--weight_key`` (here the int64 labels, as numbers) comes out as float64 block
+    weights of the right rows through each reader (the driver's peek runs the job's reader
+    and row checks); a query source never reads it; a column of strings is a clear error."""
+    from pipelines.read import peek
+    where = {"files": request.getfixturevalue("files") if fmt != "tfds" else None,
+             "tfds": request.getfixturevalue("tfds_dir") if fmt == "tfds" else None}
+    spec, flags = FORMATS[fmt]
+    fill = lambda text: text.replace("{files}", str(where["files"])).replace(  # noqa: E731
+        "{tfds}", str(where["tfds"]))
+    spec, flags = fill(spec), [fill(f) for f in flags] + ["--id_key=uid"]
+    look = peek(ReadExamples(spec, _opts("--weight_key=y", *flags)), 40)
+    rows = [_uid_ids(data)[i] for i in look.block.ids]
+    assert look.block.weight.dtype == np.float64
+    np.testing.assert_array_equal(look.block.weight, data["y"][rows])
+    assert peek(ReadExamples(spec, _opts("--weight_key=g", *flags), "query"), 8
+                ).block.weight is None
+    with pytest.raises(SourceError, match=r"'g' \(--weight_key\) .*expected (numbers|one "
+                                          r"number per example)"):
+        peek(ReadExamples(spec, _opts("--weight_key=g", *flags)), 8)
+
+
 def test_ids_do_not_depend_on_block_size(files, data):
     """Same ids and rows with another block size; query role drops the group."""
     flags = ["--block_size=7", "--group_key=g"]
