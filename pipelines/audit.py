@@ -57,6 +57,7 @@ MANIFEST = "audit_manifest.json"
 SUCCESS = "_SUCCESS"
 DEFAULT_EXAMPLES_TOP = 24
 DEFAULT_SPOT_CHECK_ROWS = 2000
+DEFAULT_SPOT_CHECK = 8
 # Options that change what a run writes (beyond the fitted method): carrying rows over from a
 # previous audit needs them equal.
 CARRY_OPTIONS = ("k", "boundary", "examples_top", "sample_rows", "correction", "x_key",
@@ -80,8 +81,9 @@ def parser() -> argparse.ArgumentParser:
                     help="fit the method again even when a fitted one for this model exists")
     ap.add_argument("--full", action="store_true",
                     help="score every partition (no rows carried over from the previous audit)")
-    ap.add_argument("--spot_check", type=int, default=8,
-                    help="top-ranked examples retrained without (0 = no spot check)")
+    ap.add_argument("--spot_check", type=int, default=None,
+                    help="top-ranked examples retrained without (0 = no spot check; default "
+                         f"{DEFAULT_SPOT_CHECK}, 0 with --weight_key)")
     ap.add_argument("--spot_check_rows", type=int, default=DEFAULT_SPOT_CHECK_ROWS,
                     help="training rows of the spot check's objective (the smallest id hashes)")
     ap.add_argument("--known_noisy", default="",
@@ -225,6 +227,12 @@ def audit(argv: Optional[List[str]] = None) -> dict:
                        "drop it")
     if not config.examples_top:
         config = config.replace(examples_top=DEFAULT_EXAMPLES_TOP)
+    if args.spot_check is None:
+        # The spot check retrains on the examples tables, which carry no sample weights: it
+        # would check weighted scores against unweighted refits.
+        args.spot_check = 0 if config.weight_key else DEFAULT_SPOT_CHECK
+        if config.weight_key:
+            log.info("audit: no spot check with --weight_key (its refits are unweighted)")
     if args.spot_check and not config.sample_rows:
         config = config.replace(sample_rows=args.spot_check_rows)
     try:
@@ -233,7 +241,7 @@ def audit(argv: Optional[List[str]] = None) -> dict:
         raise RunError(str(e)) from None
     if config.weight_key and args.spot_check:
         raise RunError("--spot_check retrains on the examples tables, which do not carry the "
-                       "sample weights: pass --spot_check=0 with --weight_key")
+                       "sample weights: drop --spot_check (it is off with --weight_key)")
     run_dir = _run_dir(root, run_id)
     if storage.exists(storage.join(run_dir, "CURRENT")) and not args.replace:
         raise RunError(f"audit run {run_id!r} already exists under {root}; pass --replace to "

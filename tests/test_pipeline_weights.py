@@ -206,10 +206,27 @@ def test_errors_before_the_job(logistic, weighted_run, tmp_path):
     with pytest.raises(run_lib.RunError, match="fitted with sample weights and this run is "
                                                "unweighted"):
         job(d, "reuse", f"--artifact={art}")
-    with pytest.raises(run_lib.RunError, match="--spot_check=0 with --weight_key"):
+    with pytest.raises(run_lib.RunError, match="it is off with --weight_key"):
         audit_lib.audit([f"--audit_root={tmp_path}/audit", f"--model={d['dir']}/model.keras",
                          f"--train=npz:{d['dir']}/train.npz", "--weight_key=w",
-                         "--loss=binary_crossentropy", "--solver=exact"])
+                         "--loss=binary_crossentropy", "--solver=exact", "--spot_check=4"])
+
+
+def test_weighted_audit_runs_without_spot_check_and_scores_weighted(logistic, tmp_path):
+    """A weighted audit (no --spot_check given: off with --weight_key) ranks by the weighted
+    self-influence of the oracle."""
+    d = logistic
+    manifest = audit_lib.audit([
+        f"--audit_root={tmp_path}/audit", f"--model={d['dir']}/model.keras",
+        f"--train=npz:{d['dir']}/train.npz", "--id_key=id", "--weight_key=w",
+        "--loss=binary_crossentropy", "--from_logits=true", f"--l2={L2}", "--solver=exact",
+        "--no_report"])
+    assert manifest["spot_check"] is None
+    table = read(manifest["path"], "audit")
+    got = dict(zip(table["train_id"], table["score"]))
+    _, want_self = oracle(d, INT_WEIGHTS)
+    for i, rid in enumerate(d["ids"]):
+        assert got[rid] == pytest.approx(want_self[i], rel=RTOL, abs=1e-12)
 
 
 # ------------------------------------------------------------------ float32 MLP, iterative
