@@ -634,7 +634,8 @@ class InfluenceCalculator:
         return path
 
     def audit(self, train, ids=None, queries=None, query_ids=None, k: int = 10,
-              spot_check: int = 8, spot_check_rows: int = 2000, boundary=(), top: int = 24,
+              spot_check: Optional[int] = None, spot_check_rows: int = 2000, boundary=(),
+              top: int = 24,
               output_dir: Optional[str] = None, noisy_ids=None, image_shape=None) -> dict:
         """A data audit of ``train`` with the fitted method (see :mod:`influence_ops.audit`):
         ``{"ranking": table (rank 1 = highest self-influence: train_id, score, loss, label,
@@ -642,9 +643,20 @@ class InfluenceCalculator:
         None, "spot_check": {"rows", "pearson", "sign_agreement", "drift", ...} or None,
         "spectrum": eigenvalues or None}``. ``boundary``: ``("sample_boundary",
         "weights_boundary")`` or a subset. ``output_dir``: also write the run folder and its
-        HTML report there (``result["report"]``); ``noisy_ids`` adds the detection curve."""
+        HTML report there (``result["report"]``); ``noisy_ids`` adds the detection curve.
+        A sample-weighted calculator takes ``(x, y, sample_weight)`` (the ranking and the
+        ``loss`` column are of the weighted objective) and runs no spot check (its refits are
+        unweighted): ``spot_check`` defaults to 8, or 0 when weighted."""
         from influence_ops import audit as audit_lib
-        x, y = as_arrays(train)
+        x, y, w = as_arrays(train, with_weights=True)
+        if spot_check is None:
+            spot_check = 0 if self.weighted else 8
+        if self.weighted and spot_check:
+            raise ValueError("the audit's spot check refits without sample weights: leave "
+                             "spot_check unset (it is 0 for a sample-weighted calculator)")
+        if w is not None and not self.weighted:
+            raise ValueError("train carries sample weights but the calculator was fitted "
+                             "without them: fit with the weights, or pass (x, y)")
         return audit_lib.in_memory(self, x, y, ids, queries, query_ids, k, spot_check,
                                    spot_check_rows, tuple(boundary), top, output_dir,
-                                   noisy_ids, image_shape)
+                                   noisy_ids, image_shape, weights=w)

@@ -327,10 +327,11 @@ def write_table(table: pa.Table, folder: str, name: str = "part-00000.parquet") 
 def in_memory(calc, x, y, ids=None, queries=None, query_ids=None, k: int = 10,
               spot_check: int = 8, spot_check_rows: int = 2000, boundary=(), top: int = 24,
               output_dir: Optional[str] = None, noisy_ids=None, image_shape=None,
-              explain_queries: int = 16) -> Dict:
+              explain_queries: int = 16, weights=None) -> Dict:
     """The audit of in-memory arrays with a fitted :class:`InfluenceCalculator` (its
     ``audit`` method): the ranking, the explain lists, the spot check and the spectrum;
-    with ``output_dir`` also the run folder the report reads (and the report)."""
+    with ``output_dir`` also the run folder the report reads (and the report). ``weights``:
+    the training rows' sample weights for a sample-weighted calculator (1 when None)."""
     import datetime
     import json
     from influence_ops import gradients as G
@@ -341,8 +342,10 @@ def in_memory(calc, x, y, ids=None, queries=None, query_ids=None, k: int = 10,
     x, y = np.asarray(x), np.asarray(y)
     ids = default_ids(len(x)) if ids is None else np.asarray(ids).astype(str)
     yn = imodel.normalize_labels(y)
-    scores = np.asarray(calc.self_influence((x, y)), np.float64)
-    losses, outputs = G.losses_and_outputs(imodel, x, yn)
+    train = (x, y) if weights is None else (x, y, weights)
+    scores = np.asarray(calc.self_influence(train), np.float64)
+    losses, outputs = G.losses_and_outputs(
+        imodel, x, imodel.pack_labels(yn, weights) if imodel.sample_weighted else yn)
     predicted, confidence = G.predicted_labels(imodel, outputs, yn)
     cols = {"train_id": ids, "partition": np.full(len(x), "notebook"), "score": scores,
             "loss": np.asarray(losses, np.float64), "label": schemas.labels_as_strings(yn),
@@ -358,7 +361,7 @@ def in_memory(calc, x, y, ids=None, queries=None, query_ids=None, k: int = 10,
         qx, qy = as_arrays(queries)
         qids = (default_ids(len(qx), "query") if query_ids is None
                 else np.asarray(query_ids).astype(str))
-        res = calc.top_k((qx, qy), (x, y), k=k, train_ids=ids, query_ids=qids)
+        res = calc.top_k((qx, qy), train, k=k, train_ids=ids, query_ids=qids)
         explain = merge_topk([schemas.topk_table(qids, res)], k)
     check = None
     order = np.asarray(ranking.column("train_id").to_pylist(), dtype=str)
@@ -386,7 +389,8 @@ def in_memory(calc, x, y, ids=None, queries=None, query_ids=None, k: int = 10,
         if explain is not None:
             qpick = np.flatnonzero(np.isin(qids, np.asarray(first, dtype=str)))
             qyn = imodel.normalize_labels(qy[qpick])
-            _, qout = G.losses_and_outputs(imodel, qx[qpick], qyn)
+            _, qout = G.losses_and_outputs(
+                imodel, qx[qpick], imodel.pack_labels(qyn) if imodel.sample_weighted else qyn)
             qpred, _ = G.predicted_labels(imodel, qout, qyn)
             parts.append(schemas.examples_table(qids[qpick], "query", qx[qpick], qyn,
                                                 schemas.labels_as_strings(qyn),

@@ -129,3 +129,23 @@ def test_weighted_first_order_groups_are_sums_of_weighted_scores(weighted):
     np.testing.assert_allclose(d["gq"] @ V.T, scores, rtol=1e-9)
     with pytest.raises(ValueError, match="sample weights"):
         calc.group_influence((d["xq"], d["yq"]), train, gid, order=2)
+
+
+def test_weighted_audit_ranks_by_weighted_self_influence(weighted):
+    """calc.audit of a weighted calculator takes (x, y, w): scores are w_i^2 g_i^T H^-1 g_i,
+    the loss column w_i l_i, and no spot check (its refits would be unweighted)."""
+    d = weighted
+    x, y, w = d["x"], d["y"], d["w"]
+    calc = InfluenceCalculator(d["im"], solver="exact").fit((x, y, w))
+    res = calc.audit((x, y, w), ids=[f"r{i}" for i in range(len(x))],
+                     queries=(d["xq"], d["yq"]), k=3)
+    assert res["spot_check"] is None
+    table = res["ranking"].to_pandas().set_index("train_id")
+    ids = [f"r{i}" for i in range(len(x))]
+    wg = w[:, None] * d["g"]
+    want = np.sum(wg * np.linalg.solve(d["H"], wg.T).T, axis=1)
+    np.testing.assert_allclose(table.loc[ids, "score"], want, rtol=1e-9)
+    np.testing.assert_allclose(table.loc[ids, "loss"],
+                               w * helpers.logistic_loss(d["theta"], x, y), rtol=1e-9)
+    with pytest.raises(ValueError, match="spot check refits without sample weights"):
+        calc.audit((x, y, w), spot_check=2)
