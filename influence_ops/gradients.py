@@ -22,10 +22,10 @@ float64 for the exact-oracle tests). None loops over examples in Python:
   no per-example gradient materialised.
 * :func:`explicit_hessian` ``(d, d)``: for small d (exact oracle / exact solver).
 * When the only target is the last Dense layer under softmax cross-entropy on logits (the
-  most common case), :func:`hessian_sum`, and :func:`per_example_gradients` /
-  :func:`projected_gradients` for a model's first ``lastlayer.CLOSED_FORM_ROWS`` rows, use the
-  numpy closed forms of :mod:`influence_ops.lastlayer`: the same numbers without tracing
-  anything (small problems answer in milliseconds).
+  most common case) and no GPU is in use, :func:`per_example_gradients`,
+  :func:`projected_gradients` and :func:`hessian_sum` use the numpy closed forms of
+  :mod:`influence_ops.lastlayer`: the same numbers without tracing anything (small problems
+  answer in milliseconds, large blocks run the same GEMMs).
 * :func:`streaming_scores` ``(n, m)``: ``<g_i, psi_q>`` against solved queries ``Psi`` ``(m, d)``
   per layer in the cheaper of a materialized or a Kronecker form, with the per-example losses
   of the same forward pass (see the section at the end of this module).
@@ -219,7 +219,7 @@ def per_example_gradients(imodel: InfluenceModel, x, y, batch_size: int = DEFAUL
     """Gradients of each example's loss w.r.t. theta, shape ``(n, d)``."""
     x = _cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
-    if lastlayer.use_for_rows(imodel, len(x)):
+    if lastlayer.applicable(imodel):
         return lastlayer.per_example_gradients(imodel, x, y, batch_size)
     fn = _per_example_grad_fn(imodel)
     out = np.empty((len(x), imodel.n_params), dtype=imodel.dtype.as_numpy_dtype)
@@ -237,7 +237,7 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
     """
     x = _cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
-    if lastlayer.use_for_rows(imodel, len(x)):
+    if lastlayer.applicable(imodel):
         return lastlayer.projected_gradients(imodel, x, y, projection, batch_size)
     proj = tf.constant(np.asarray(projection, dtype=imodel.dtype.as_numpy_dtype))
     grad_fn = _per_example_grad_fn(imodel)

@@ -88,16 +88,3 @@ def test_not_applicable_outside_its_assumptions(case):
                               keras.layers.Dense(5, activation="tanh", dtype=dt), last])
     assert not lastlayer.applicable(InfluenceModel(model, **kw))
 
-
-def test_gradients_move_to_the_traced_path_after_the_row_budget(monkeypatch):
-    """Closed forms serve a model's first CLOSED_FORM_ROWS rows of gradients / projections
-    (no trace); later calls use the compiled TensorFlow function, with the same numbers."""
-    monkeypatch.setattr(lastlayer, "CLOSED_FORM_ROWS", 50)
-    x, y, _, _ = helpers.classification_data(n=37, p=4, classes=3)
-    fast, _ = _pair(helpers.mlp_classifier(4, 3), loss="sparse_categorical_crossentropy")
-    P = np.random.default_rng(3).normal(size=(fast.n_params, 4))
-    first = grads.projected_gradients(fast, x, y, P)
-    assert "pe_proj" not in fast._fns            # nothing traced for the first 37 rows
-    second = grads.projected_gradients(fast, x, y, P)
-    assert "pe_proj" in fast._fns                # 74 > 50 rows: the TensorFlow path
-    assert _rel(first, second) < 1e-9
