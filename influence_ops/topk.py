@@ -42,8 +42,9 @@ string ids are only compared where scores tie exactly.
   until the accumulator gets a second block, is merged into another one, is extracted or
   pickled (or :meth:`TopKCombiner.compact`). The pipeline makes one accumulator per block and a
   combiner merges them as they arrive; so the block is ranked against the combiner's running
-  k-th best, with skipping, instead of fully on its own. **Do not write into** ``scores`` after
-  passing it to ``add``. A pickled accumulator (sent between workers) holds only its ``O(m k)``
+  k-th best, with skipping, instead of fully on its own. **Do not write into** ``scores`` (or a
+  string array of ``ids``: it joins the id table as it is, not copied) after passing it to
+  ``add``. A pickled accumulator (sent between workers) holds only its ``O(m k)``
   lists and their ids.
 """
 
@@ -246,15 +247,17 @@ class TopKAccumulator:
     def add(self, scores: np.ndarray, ids: np.ndarray) -> "TopKAccumulator":
         """Adds a block: ``scores`` ``(m, b)`` for train examples ``ids`` ``(b,)``.
 
-        ``scores`` may be kept by reference until later (see the module docstring): do not
-        modify it afterwards.
+        ``scores`` (and ``ids`` when they are already strings) may be kept by reference until
+        later (see the module docstring): do not modify them afterwards.
         """
         scores = np.asarray(scores, dtype=np.float64)
         if self.n_queries is None and scores.ndim == 2:
             self.n_queries = scores.shape[0]
         if scores.ndim != 2 or scores.shape[0] != self.n_queries:
             raise ValueError(f"scores must be (n_queries={self.n_queries}, b), got {scores.shape}")
-        ids = np.asarray(ids).astype(str)  # ids are strings everywhere (Parquet schema)
+        ids = np.asarray(ids)
+        if ids.dtype.kind != "U":
+            ids = ids.astype(str)  # ids are strings everywhere (Parquet schema)
         if ids.shape != (scores.shape[1],):
             raise ValueError(f"ids must be ({scores.shape[1]},), got {ids.shape}")
         if scores.shape[1] == 0:

@@ -13,9 +13,14 @@ from influence_ops.topk import TopKAccumulator, TopKCombiner, top_k
 
 
 def brute_force(scores, ids, k, largest):
+    """Sort by score (descending for proponents), NaN after every number, ties by id."""
+    def order(p):
+        nan = bool(np.isnan(p[0]))
+        return nan, 0.0 if nan else (-p[0] if largest else p[0]), p[1]
+
     out_s, out_i = [], []
     for row in scores:
-        pairs = sorted(zip(row, ids), key=lambda p: ((-p[0] if largest else p[0]), p[1]))[:k]
+        pairs = sorted(zip(row, ids), key=order)[:k]
         out_s.append([p[0] for p in pairs])
         out_i.append([p[1] for p in pairs])
     return np.array(out_s), np.array(out_i)
@@ -106,11 +111,30 @@ def test_property_any_blocks_any_merge_tree_equals_brute_force(data):
     check_blocks_and_merge_tree(data, m, n, k, seed, ids)
 
 
+def draw_scores(data, rng, m, n):
+    """Scores with many exact ties; some draws: all equal, a few distinct values, NaN and
+    infinite entries (NaN ranks after every number), columns sorted (nothing can be skipped)."""
+    kind = data.draw(st.sampled_from(["ties", "equal", "few", "nan"]), label="scores")
+    if kind == "equal":
+        scores = np.full((m, n), 0.5)
+    elif kind == "few":
+        scores = rng.integers(-1, 2, size=(m, n)).astype(float)
+    else:
+        scores = np.round(rng.normal(size=(m, n)), 1)
+    if kind == "nan":
+        scores[rng.random((m, n)) < 0.2] = np.nan
+        scores[rng.random((m, n)) < 0.02] = np.inf
+        scores[rng.random((m, n)) < 0.02] = -np.inf
+        if m > 1:
+            scores[0] = np.nan  # a query with no numbers at all
+    if data.draw(st.booleans(), label="sorted columns"):
+        scores = np.sort(scores, axis=1)  # adversarial order (NaN last)
+    return scores
+
+
 def check_blocks_and_merge_tree(data, m, n, k, seed, ids):
     rng = np.random.default_rng(seed)
-    scores = np.round(rng.normal(size=(m, n)), 1)  # many exact ties
-    if data.draw(st.booleans(), label="sorted columns"):
-        scores = np.sort(scores, axis=1)  # adversarial order: nothing can be skipped
+    scores = draw_scores(data, rng, m, n)
     cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=8), label="cuts"))
     bounds = [0, *cuts, n]
     parts = [TopKAccumulator(k=k, n_queries=m).add(scores[:, a:b], ids[a:b])
@@ -137,7 +161,39 @@ def check_blocks_and_merge_tree(data, m, n, k, seed, ids):
     assert_matches(run.extract(), scores, ids, k)
 
 
+@settings(max_examples=25, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_property_streaming_blocks_equal_reference(data):
+    """Long streams in the pipeline's pattern (one accumulator per block, merged into a running
+    one) and into one running accumulator: large enough that lists fill and the streaming paths
+    run (blocks skipped per query, staged entries, single insertions, threshold passes)."""
+    m = data.draw(st.integers(1, 40), label="m")
+    block = data.draw(st.integers(1, 700), label="block")
+    n = data.draw(st.integers(1, 6000), label="n")  # n = 0: the test above
+    k = data.draw(st.integers(1, 40), label="k")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    scores = draw_scores(data, rng, m, n)
+    ids = np.array([f"t{i}" for i in rng.permutation(n)])  # string order != numeric order
+    # Column slices of one array, or fresh arrays (as the Score step's products are).
+    fresh = data.draw(st.booleans(), label="contiguous blocks")
+    comb = TopKCombiner(k)
+    acc = comb.create_accumulator()
+    running = TopKAccumulator(k, m)
+    for a in range(0, n, block):
+        S = np.ascontiguousarray(scores[:, a:a + block]) if fresh else scores[:, a:a + block]
+        acc = comb.add_input(acc, TopKAccumulator(k, m).add(S, ids[a:a + block]))
+        running.add(S, ids[a:a + block])
+    kk = min(k, n)
+    for res in (comb.extract_output(comb.compact(acc)), running.extract()):
+        for side, largest in (("pro", True), ("opp", False)):
+            ref_s, ref_i = fast_reference(scores, ids, kk, largest)
+            np.testing.assert_array_equal(res[f"{side}_scores"], ref_s.reshape(m, kk))
+            np.testing.assert_array_equal(res[f"{side}_ids"], ref_i.reshape(m, kk))
+
+
 def fast_reference(scores, ids, k, largest):
+    """Like brute_force with numpy: lexsort puts NaN last, ties by id."""
     idb = np.broadcast_to(ids, scores.shape)
     order = np.lexsort((idb, -scores if largest else scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(idb, order, 1)
