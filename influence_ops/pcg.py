@@ -16,7 +16,8 @@ Pieces:
 
 * :func:`block_pcg` - PCG for all rows of ``B`` at once (``method='batched'``: an independent
   recursion per row sharing the HVP calls; ``method='block'``: block CG on the block Krylov
-  space, rank-revealing, fewer HVPs when many queries share a spectrum).
+  space, rank-revealing, fewer HVPs when many queries share a spectrum; what ``--solver=pcg``
+  runs, in chunks of ``max_block_rows`` queries).
 * :class:`DeflationPreconditioner` - ``M^-1 = U diag(1/lam) U^T + (I - U U^T) / tau`` from an
   Arnoldi/exact eigenbasis; any SPD ``apply_inverse`` callable (e.g. EK-FAC) works as well.
 * :func:`hutchinson_trace` - ``trace(H)`` from Rademacher probes, for ``tau``.

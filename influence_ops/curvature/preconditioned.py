@@ -2,9 +2,9 @@
 
 ``H^-1`` is dominated by the small eigenvalues that a low-rank model drops, so low-rank
 influence ranks proponents poorly. The queries are few: solve ``(H + damping) psi_q = g_q``
-for all of them at once by conjugate gradient on the fit sample (one batched
-Hessian-vector-product pass per iteration for the whole block), preconditioned by a cheap
-curvature model fitted first:
+for all of them at once by block conjugate gradient on the fit sample (one batched
+Hessian-vector-product pass per iteration for the whole block of queries, searching the Krylov
+space of the whole block), preconditioned by a cheap curvature model fitted first:
 
 * ``--preconditioner=arnoldi`` (default): the top ``--rank`` eigenpairs from
   ``--arnoldi_iter`` HVPs, as a deflation ``U Lambda^-1 U^T + (I - U U^T) / tau`` with
