@@ -371,7 +371,15 @@ def front_activations(imodel: InfluenceModel, x, batch_size: int = 1024) -> Fron
                                             _batches(len(x), batch_size)]))
 
 
-def _hvp_fn(imodel: InfluenceModel, on_activations: bool = False):
+def _hvp_fn(imodel: InfluenceModel, x, y, on_activations: bool = False):
+    """The compiled batched HVP, traced once per input kind: iterative solvers call it with
+    one direction (Arnoldi), a few (trace probes) and blocks of queries (CG), on full batches
+    and a tail, and each new shape would otherwise cost a retrace of the forward-over-backward
+    graph (hundreds of ms)."""
+    spec = (tf.TensorSpec((None,) + x.shape[1:], x.dtype),
+            tf.TensorSpec((None,) + y.shape[1:], y.dtype),
+            tf.TensorSpec((None, imodel.n_params), imodel.dtype))
+
     def build():
         def one(x, y, v):
             with tf.autodiff.ForwardAccumulator(imodel._tf_vars, imodel.unflatten(v)) as acc:
@@ -383,12 +391,13 @@ def _hvp_fn(imodel: InfluenceModel, on_activations: bool = False):
                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return imodel.flatten(acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO))
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(input_signature=spec)
         def fn(x, y, V):
             # Several directions per call: pfor batches the forward-over-backward pass.
             return tf.vectorized_map(lambda v: one(x, y, v), V)
         return fn
-    return _cached(imodel, "hvp_head" if on_activations else "hvp", build)
+    return _cached(imodel, ("hvp_head" if on_activations else "hvp",)
+                   + tuple(str(s) for s in spec), build)
 
 
 HVP_VECTORS_PER_CALL = 32
@@ -408,7 +417,7 @@ def hessian_vector_products(imodel: InfluenceModel, x, y, vectors: np.ndarray,
     x = x.h if cached else _cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
     vectors = np.atleast_2d(np.asarray(vectors, dtype=imodel.dtype.as_numpy_dtype))
-    fn = _hvp_fn(imodel, on_activations=cached)
+    fn = _hvp_fn(imodel, x, y, on_activations=cached)
     out = np.zeros_like(vectors)
     n = len(x)
     batches = list(_batches(n, batch_size))

@@ -249,6 +249,55 @@ def test_block_method_exact_with_fewer_hvps_and_rank_deficiency(problem):
     assert rel_err(Xp, ref) <= 1e-8 and pre["iterations"] < blk["iterations"]
 
 
+def _svd_rows(W, rank_tol, max_rank=None):
+    """The rank-revealing reference: the top right singular vectors of the unit rows."""
+    W = W / np.linalg.norm(W, axis=1)[:, None]
+    _, s, Vt = np.linalg.svd(W, full_matrices=False)
+    return Vt[s > rank_tol * s[0]][:max_rank]
+
+
+def test_gram_orthonormalisation_matches_the_svd():
+    """The block method's fast orthonormalisation (Gram matrix + one Cholesky QR pass) spans
+    the same rows as the SVD and is orthonormal to round-off (1e-12: eps * r after the
+    Cholesky pass); near-dependent blocks go to the SVD, which drops the dependent rows."""
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((12, D)) * np.logspace(0, 3, 12)[:, None]  # row scales differ
+    for max_rank in (None, 7):
+        Q = pcg._orthonormal_rows(W, 1e-10, max_rank)
+        ref = _svd_rows(W, 1e-10, max_rank)
+        assert Q.shape == ref.shape
+        assert np.abs(Q @ Q.T - np.eye(len(Q))).max() <= 1e-12
+        assert np.abs(Q.T @ Q - ref.T @ ref).max() <= 1e-8  # the same projector
+    assert pcg._gram_orthonormal_rows(W / np.linalg.norm(W, axis=1)[:, None], None) is not None
+    # A duplicate (dropped) and a row 1e-7 off another (kept: above rank_tol, but below what
+    # the Gram matrix resolves): the SVD path, the SVD's rank.
+    e = rng.standard_normal(D)
+    Wd = np.vstack([W, W[0], W[1] + 1e-7 * np.linalg.norm(W[1]) * e / np.linalg.norm(e)])
+    unit = Wd / np.linalg.norm(Wd, axis=1)[:, None]
+    assert pcg._gram_orthonormal_rows(unit, None) is None
+    Qd = pcg._orthonormal_rows(Wd, 1e-10)
+    assert len(Qd) == len(_svd_rows(Wd, 1e-10)) == 13
+
+
+def test_block_method_in_chunks(problem):
+    """``max_block_rows`` solves consecutive chunks: each row's solution as when unchunked (to
+    the 1e-8 of the tolerance), HVP rows and iterations summed over the chunks."""
+    H, B, ref = problem["H"], problem["B"], problem["ref"]
+    tol = 1e-8 / problem["cond"]
+    hvp = CountingHVP(H)
+    X, info = pcg.block_pcg(hvp, B, tol=tol, max_iter=2000, method="block", max_block_rows=3)
+    assert info["converged"].all() and rel_err(X, ref) <= 1e-8
+    assert max(hvp.calls) <= 3 and info["hvp_rows"] == hvp.rows
+    assert info["iterations"] == len(hvp.calls)
+    parts = [pcg.block_pcg(lambda V: V @ H, B[s], tol=tol, max_iter=2000, method="block")[1]
+             for s in (slice(0, 3), slice(3, 6), slice(6, 8))]
+    assert info["hvp_rows"] == sum(p["hvp_rows"] for p in parts)
+    np.testing.assert_array_equal(info["row_iterations"],
+                                  np.concatenate([p["row_iterations"] for p in parts]))
+    with pytest.raises(ValueError, match="max_block_rows"):
+        pcg.block_pcg(hvp, B, method="block", max_block_rows=0)
+
+
 def test_cost_estimate_and_warning(caplog):
     cost = pcg.estimate_cost(n_queries=500, n_fit=10_000, d=1000, expected_iter=40,
                              seconds_per_query_pass=0.01, k=20)
