@@ -29,28 +29,10 @@ TensorFlow path.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from influence_ops.model import InfluenceModel
-
-_BLAS = []
-
-
-def _one_blas_thread():
-    """A context limiting BLAS to one thread (threadpoolctl, a scikit-learn dependency), or a
-    no-op where threadpoolctl is not installed."""
-    if not _BLAS:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _BLAS.append(ThreadpoolController())
-        except ImportError:
-            _BLAS.append(None)
-    ctl = _BLAS[0]
-    return ctl.limit(limits=1, user_api="blas") if ctl is not None else contextlib.nullcontext()
-
-
+from influence_ops.tf_setup import single_threaded_blas
 
 
 def applicable(imodel: InfluenceModel) -> bool:
@@ -112,7 +94,7 @@ def _batches(n, batch_size):
 def per_example_gradients(imodel: InfluenceModel, x, y, batch_size: int) -> np.ndarray:
     dtype = imodel.dtype.as_numpy_dtype
     out = np.empty((len(x), imodel.n_params), dtype=dtype)
-    with _one_blas_thread():
+    with single_threaded_blas():
         for sl in _batches(len(x), batch_size):
             h, _, r, _ = _parts(imodel, x[sl], y[sl])
             out[sl] = (h[:, :, None] * r[:, None, :]).reshape(len(h), -1)
@@ -126,7 +108,7 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
     P = np.asarray(projection, dtype)
     k = P.shape[1]
     out = np.empty((len(x), k), dtype=dtype)
-    with _one_blas_thread():
+    with single_threaded_blas():
         for sl in _batches(len(x), batch_size):
             h, _, r, _ = _parts(imodel, x[sl], y[sl])
             C = r.shape[1]
@@ -142,7 +124,7 @@ def hessian_sum(imodel: InfluenceModel, x, y, batch_size: int) -> np.ndarray:
     ``B_i = vec(h~_i (outer) p_i)``."""
     d = imodel.n_params
     total = np.zeros((d, d), np.float64)
-    with _one_blas_thread():
+    with single_threaded_blas():
         for sl in _batches(len(x), batch_size):
             h, p, _, w = _parts(imodel, x[sl], y[sl])
             n, a1 = h.shape

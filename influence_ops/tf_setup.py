@@ -93,9 +93,16 @@ def single_threaded_blas():
     For numpy linear algebra interleaved with TensorFlow ops on a few cores: once TF has run,
     OpenBLAS's worker threads fight TF's pool for the cores, and small products slow down by
     10-60x (measured on 2 shared cores: a 330 x 330 solve 0.25 s instead of 4 ms, a
-    100 x 25k x 100 product 0.1-0.7 s instead of 22 ms)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+    100 x 25k x 100 product 0.1-0.7 s instead of 22 ms). The library scan runs once per
+    process; entering the context then costs ~20 us."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS.append(ThreadpoolController())
+        except ImportError:
+            _BLAS.append(None)
+    ctl = _BLAS[0]
+    return ctl.limit(limits=1, user_api="blas") if ctl is not None else contextlib.nullcontext()
+
+
+_BLAS = []  # the process's threadpoolctl controller (None without threadpoolctl)
