@@ -23,9 +23,9 @@ float64 for the exact-oracle tests). None loops over examples in Python:
 * :func:`explicit_hessian` ``(d, d)``: for small d (exact oracle / exact solver).
 * When the only target is the last Dense layer under softmax cross-entropy on logits (the
   most common case) and no GPU is in use, :func:`per_example_gradients`,
-  :func:`projected_gradients` and :func:`hessian_sum` use the numpy closed forms of
-  :mod:`influence_ops.lastlayer`: the same numbers without tracing anything (small problems
-  answer in milliseconds, large blocks run the same GEMMs).
+  :func:`projected_gradients`, :func:`hessian_sum` and the per-example losses use the numpy
+  closed forms of :mod:`influence_ops.lastlayer`: the same numbers without tracing anything
+  (small problems answer in milliseconds, large blocks run the same GEMMs).
 * :func:`streaming_scores` ``(n, m)``: ``<g_i, psi_q>`` against solved queries ``Psi`` ``(m, d)``
   per layer in the cheaper of a materialized or a Kronecker form, with the per-example losses
   of the same forward pass (see the section at the end of this module).
@@ -262,6 +262,8 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
 def per_example_losses(imodel: InfluenceModel, x, y, batch_size: int = 1024) -> np.ndarray:
     x = _cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
+    if lastlayer.applicable(imodel):
+        return lastlayer.losses_and_outputs(imodel, x, y, batch_size)[0]
 
     def build():
         @tf.function(reduce_retracing=True)
@@ -278,6 +280,8 @@ def losses_and_outputs(imodel: InfluenceModel, x, y, batch_size: int = 1024):
     predicted label comes from the same pass as the loss)."""
     x = _cast_x(imodel, x)
     y = np.asarray(imodel.check_labels(y, len(x)))
+    if lastlayer.applicable(imodel):
+        return lastlayer.losses_and_outputs(imodel, x, y, batch_size)
     # One trace per input kind, whatever the batch size (blocks, tails and single rows).
     spec = (tf.TensorSpec((None,) + x.shape[1:], x.dtype),
             tf.TensorSpec((None,) + y.shape[1:], y.dtype))

@@ -61,29 +61,42 @@ def _check(imodel: InfluenceModel) -> bool:
     return loo._softmax_cross_entropy_on_logits(imodel, layer.activation)
 
 
+def _forward(imodel: InfluenceModel, x):
+    """``(h~ (n, a + 1), z (n, C))`` in float64: the layer's input with a ones column, and
+    the logits."""
+    layer = imodel.target_layers[0]
+    h = np.asarray(imodel.front(x), np.float64).reshape(len(x), -1)
+    h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
+    Wb = np.concatenate([np.asarray(layer.kernel.numpy(), np.float64),
+                         np.asarray(layer.bias.numpy(), np.float64)[None, :]])
+    return h, h @ Wb
+
+
+def _labels(imodel: InfluenceModel, y, n: int, C: int):
+    """``(Y (n, C) float64, w (n,))``: one-hot (or given probability) labels and the sample
+    weights (1 when the model is not sample-weighted)."""
+    y = np.asarray(y)
+    w = np.ones(n)
+    if imodel.sample_weighted:
+        w, y = y[:, -1].astype(np.float64), y[:, :-1]
+    if imodel.label_mode == "sparse":
+        Y = np.zeros((n, C))
+        Y[np.arange(n), y.reshape(n).astype(np.int64)] = 1.0
+    else:
+        Y = np.asarray(y, np.float64).reshape(n, C)
+    return Y, w
+
+
 def _parts(imodel: InfluenceModel, x, y):
     """``(h~ (n, a + 1), p (n, C), r (n, C), w (n,))`` in float64, where ``r`` is the loss
     gradient in z and ``A_i = w_i (diag(p_i) - p_i p_i^T)``."""
-    layer = imodel.target_layers[0]
-    h = np.asarray(imodel.front(x), np.float64).reshape(len(x), -1)
-    W = np.asarray(layer.kernel.numpy(), np.float64)
-    b = np.asarray(layer.bias.numpy(), np.float64)
-    z = h @ W + b
+    h, z = _forward(imodel, x)
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
-    y = np.asarray(y)
-    w = np.ones(len(p))
-    if imodel.sample_weighted:
-        w, y = y[:, -1].astype(np.float64), y[:, :-1]
-    C = p.shape[1]
-    if imodel.label_mode == "sparse":
-        Y = np.zeros_like(p)
-        Y[np.arange(len(p)), np.asarray(y).reshape(len(p)).astype(np.int64)] = 1.0
-    else:
-        Y = np.asarray(y, np.float64).reshape(len(p), C)
+    Y, w = _labels(imodel, y, len(p), p.shape[1])
     r = (p - Y) * w[:, None]
-    return np.concatenate([h, np.ones((len(h), 1))], axis=1), p, r, w
+    return h, p, r, w
 
 
 def _batches(n, batch_size):
@@ -136,3 +149,21 @@ def hessian_sum(imodel: InfluenceModel, x, y, batch_size: int) -> np.ndarray:
             for c in range(C):
                 view[:, c, :, c] += (h * wp[:, c:c + 1]).T @ h
     return total
+
+
+def losses_and_outputs(imodel: InfluenceModel, x, y, batch_size: int):
+    """``(w_i * cross-entropy (n,), logits (n, C))`` in the model's dtype: Keras's
+    ``sum_c y_c (logsumexp(z) - z_c)`` and the model's outputs (its last layer is linear)."""
+    dtype = imodel.dtype.as_numpy_dtype
+    C = imodel.target_layers[0].units
+    losses, outputs = np.empty(len(x), dtype), np.empty((len(x), C), dtype)
+    # Overflowing inputs give non-finite losses, which the callers dead-letter (no warning).
+    with single_threaded_blas(), np.errstate(over="ignore", invalid="ignore"):
+        for sl in _batches(len(x), batch_size):
+            _, z = _forward(imodel, x[sl])
+            Y, w = _labels(imodel, y[sl], len(z), C)
+            top = z.max(axis=1, keepdims=True)
+            lse = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+            losses[sl] = w * (Y.sum(axis=1) * lse - (Y * z).sum(axis=1))
+            outputs[sl] = z
+    return losses, outputs

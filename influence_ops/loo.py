@@ -112,11 +112,16 @@ def _forward(imodel: InfluenceModel, x):
 
 
 def _softmax_cross_entropy_on_logits(imodel: InfluenceModel, act) -> bool:
-    """Categorical cross-entropy on logits (no activation after z): ``A = diag(p) - p p^T``."""
+    """Plain categorical cross-entropy on logits (no activation after z, over the last axis,
+    no label smoothing, no ignored class): ``dl/dz = p - y``, ``A = diag(p) - p p^T``."""
     import keras
     linear = act is None or act is keras.activations.linear or \
         getattr(act, "__name__", "") == "linear"
-    return (imodel.label_mode in ("sparse", "onehot") and linear
+    get_config = getattr(imodel._loss_fn, "get_config", None)
+    cfg = get_config() if callable(get_config) else {}
+    plain = (not cfg.get("label_smoothing") and cfg.get("ignore_class") is None
+             and cfg.get("axis", -1) in (-1, None))
+    return (imodel.label_mode in ("sparse", "onehot") and linear and plain
             and bool(getattr(imodel._loss_fn, "from_logits", False)))
 
 

@@ -50,6 +50,10 @@ def test_closed_forms_equal_the_tensorflow_path(labels):
     assert _rel(grads.projected_gradients(fast, x, y, P, batch_size=10),
                 grads.projected_gradients(slow, x, y, P)) < 1e-9
     assert _rel(G @ P, grads.projected_gradients(fast, x, y, P)) < 1e-9
+    for got, want in zip(grads.losses_and_outputs(fast, x, y, batch_size=10),
+                         grads.losses_and_outputs(slow, x, y)):
+        assert _rel(got, want) < 1e-9
+    assert _rel(grads.per_example_losses(fast, x, y), grads.per_example_losses(slow, x, y)) < 1e-9
     H = grads.hessian_sum(fast, x, y, batch_size=8)
     assert _rel(H, grads.hessian_sum(slow, x, y)) < 1e-9
     assert np.allclose(H, H.T, rtol=0, atol=1e-12 * np.abs(H).max())
@@ -67,7 +71,7 @@ def test_float32_model_agrees_to_float32_rounding():
 
 
 @pytest.mark.parametrize("case", ["softmax_activation", "two_targets", "probabilities",
-                                  "no_bias", "binary"])
+                                  "no_bias", "binary", "label_smoothing", "ignore_class"])
 def test_not_applicable_outside_its_assumptions(case):
     dt = "float64"
     kw = dict(loss="sparse_categorical_crossentropy", from_logits=True, target_layers=1)
@@ -84,6 +88,12 @@ def test_not_applicable_outside_its_assumptions(case):
         kw["loss"] = "binary_crossentropy"
     elif case == "two_targets":
         kw["target_layers"] = 2
+    elif case == "label_smoothing":  # dl/dz is no longer p - y
+        kw["loss"] = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None,
+                                                          label_smoothing=0.1)
+    elif case == "ignore_class":     # rows of that class have no loss
+        kw["loss"] = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                                reduction=None, ignore_class=0)
     model = keras.Sequential([keras.Input((4,), dtype=dt),
                               keras.layers.Dense(5, activation="tanh", dtype=dt), last])
     assert not lastlayer.applicable(InfluenceModel(model, **kw))
