@@ -121,10 +121,12 @@ def _softmax_cross_entropy_on_logits(imodel: InfluenceModel, act) -> bool:
 
 
 def _signals(imodel: InfluenceModel, x, y):
-    """``(records, dz, A)``: per target layer ``(layer, a, sig, ident)`` with ``sig``
+    """``(records, dz, A, p)``: per target layer ``(layer, a, sig, ident)`` with ``sig``
     ``(B, C, *z_l shape)`` the Jacobian signals ``(dz/dz_l)^T e_c`` (``ident``: they are the
     unit vectors, z_l = z); ``dz`` ``(B, C)`` the loss gradient in z and ``A`` ``(B, C, C)``
-    the Hessian of the loss in z. The gradient is never formed separately:
+    the Hessian of the loss in z; ``p`` ``(B, C)`` the softmax probabilities where
+    ``A = diag(p) - p p^T`` (cross-entropy on logits, see :func:`_hessian_times`), else None.
+    The gradient is never formed separately:
     ``g_i = J_i^T dz_i`` (the chain rule; exact for every target layer), so the C Jacobian rows
     and dz carry it. The second-order tape runs only when needed (deeper target layers, or a
     loss whose A is not known in closed form)."""
@@ -156,6 +158,7 @@ def _signals(imodel: InfluenceModel, x, y):
         p = tf.nn.softmax(z)                      # the same A as autodiff, without C passes
         A = tf.linalg.diag(p) - p[:, :, None] * p[:, None, :]
     else:
+        p = None
         A = tf.reshape(outer.batch_jacobian(dz, z), [b, C, C])
         A = 0.5 * (A + tf.transpose(A, [0, 2, 1]))
     out_records = []
@@ -166,7 +169,7 @@ def _signals(imodel: InfluenceModel, x, y):
         else:
             sig = tf.reshape(outer.batch_jacobian(z, zl), shape)
         out_records.append((layer, a, sig, zl is z))
-    return out_records, tf.reshape(dz, [b, C]), A
+    return out_records, tf.reshape(dz, [b, C]), A, p
 
 
 def _conv_rows(layer, a, sig):
@@ -229,13 +232,13 @@ def _factor_fn(imodel: InfluenceModel, projected: bool):
         if projected:
             @tf.function(reduce_retracing=True)
             def fn(x, y, P):
-                records, dz, A = _signals(imodel, x, y)
+                records, dz, A, _ = _signals(imodel, x, y)
                 J = _projected(records, P)
                 return tf.linalg.matvec(J, dz, transpose_a=True), J, A
         else:
             @tf.function(reduce_retracing=True)
             def fn(x, y):
-                records, dz, A = _signals(imodel, x, y)
+                records, dz, A, _ = _signals(imodel, x, y)
                 J = _blocks(records)
                 return tf.linalg.matvec(J, dz, transpose_a=True), J, A
         return fn
@@ -245,15 +248,27 @@ def _factor_fn(imodel: InfluenceModel, projected: bool):
 SINGULAR_RTOL = 1e-12
 
 
-def _weights_tf(b, K, A, n):
-    """``w = (n I - A K)^-1 A b`` per row, float64; rows whose system is singular (relative
-    determinant below ``SINGULAR_RTOL``) get ``w = 0`` and a True flag."""
+def _hessian_times(A, p, X):
+    """``A X`` for ``X`` ``(B, C, m)``. With the softmax probabilities ``p``
+    (``A = diag(p) - p p^T``) it is ``p * (X - p^T X)``: a few elementwise operations instead
+    of forming ``A`` and a batched product of ``C x C`` matrices."""
+    if p is None:
+        return tf.matmul(A, X)
+    p = p[:, :, None]
+    return p * (X - tf.reduce_sum(p * X, axis=1, keepdims=True))
+
+
+def _weights_tf(b, K, A, p, n):
+    """``w = (n I - A K)^-1 A b`` per row, float64 (``A`` or ``p`` as in
+    :func:`_hessian_times`); rows whose system is singular (relative determinant below
+    ``SINGULAR_RTOL``) get ``w = 0`` and a True flag."""
     C = tf.shape(K)[1]
-    eye = tf.eye(C, batch_shape=[tf.shape(K)[0]], dtype=tf.float64)
-    M = eye - tf.matmul(A, K) / n
+    eye = tf.eye(C, dtype=tf.float64)
+    AKb = _hessian_times(A, p, tf.concat([K, b[:, :, None]], axis=2)) / n   # A [K, b] / n
+    M = eye - AKb[:, :, :C]
     singular = tf.abs(tf.linalg.det(M)) < SINGULAR_RTOL
     M = tf.where(singular[:, None, None], eye, M)
-    w = tf.linalg.solve(M, tf.linalg.matvec(A, b)[:, :, None])[:, :, 0] / n
+    w = tf.linalg.solve(M, AKb[:, :, C:])[:, :, 0]
     return tf.where(singular[:, None], tf.zeros_like(w), w), singular
 
 
@@ -262,24 +277,24 @@ def _eigen_fn(imodel: InfluenceModel, negative: bool):
     projection) and ``s = sign(lam)``: the train-map rows of the Jacobian ``c_J = J P``
     ``(B, C, k)`` from one fused projection, ``K = c_J diag(s) c_J^T`` (``= J H^-1 J^T``) and
     ``b = K dz`` (``= J H^-1 g``, as ``g = J^T dz``) in the model's dtype, the ``C x C``
-    systems for ``w`` in float64, then one batched product ``[dz, dz + w] c_J``: the train map
-    of ``g`` (times ``s``: its query map) and of ``g + J^T w``. Self-influence
-    ``g^T H^-1 g + b . w = b . (dz + w)``. Only ``(B, k)`` rows leave the device.
-    ``negative``: some ``lam < 0`` (else the sign multiplications are skipped)."""
+    systems for ``w`` in float64, then one batched product ``[dz, dz + w] c_J`` ``(B, 2, k)``:
+    the train map of ``g`` (times ``s``: its query map) and of ``g + J^T w``. Self-influence
+    ``g^T H^-1 g + b . w = b . (dz + w)``. Only these rows leave the device. ``negative``:
+    some ``lam < 0`` (else the sign multiplication is left out of K)."""
     def build():
         @tf.function(reduce_retracing=True)
         def fn(x, y, P, sign, n):
-            records, dz, A = _signals(imodel, x, y)
+            records, dz, A, p = _signals(imodel, x, y)
             cj = _projected(records, P)                                    # (B, C, k)
             K = tf.matmul(cj * sign[None, None, :] if negative else cj, cj,
                           transpose_b=True)                                # (B, C, C)
-            b = tf.linalg.matvec(K, dz)                                    # (B, C)
-            b64 = tf.cast(b, tf.float64)
-            w, singular = _weights_tf(b64, tf.cast(K, tf.float64), tf.cast(A, tf.float64), n)
+            b64 = tf.cast(tf.reduce_sum(K * dz[:, None, :], axis=2), tf.float64)   # K dz
+            A64, p64 = (tf.cast(A, tf.float64), None) if p is None else \
+                (None, tf.cast(p, tf.float64))
+            w, singular = _weights_tf(b64, tf.cast(K, tf.float64), A64, p64, n)
             u = tf.cast(dz, tf.float64) + w
             phi = tf.matmul(tf.stack([dz, tf.cast(u, dz.dtype)], axis=1), cj)   # (B, 2, k)
-            psi = phi[:, 0] * sign[None, :] if negative else phi[:, 0]
-            return psi, phi[:, 1], tf.reduce_sum(b64 * u, axis=1), singular
+            return phi, tf.reduce_sum(b64 * u, axis=1), singular
         return fn
     return grads._cached(imodel, ("loo_eigen", negative), build)
 
@@ -305,11 +320,14 @@ def eigen_corrected(imodel: InfluenceModel, x, y, eigen, n: float,
     selfs = np.empty(len(x))
     n_singular = 0
     for s in grads._batches(len(x), batch_size):
-        q, t, c, sing = fn(x[s], y[s], Pt, sign, nt)
-        psi[s], phi[s], selfs[s] = np.asarray(q), np.asarray(t), np.asarray(c)
+        maps, c, sing = fn(x[s], y[s], Pt, sign, nt)
+        maps = np.asarray(maps)
+        psi[s], phi[s], selfs[s] = maps[:, 0], maps[:, 1], np.asarray(c)
         n_singular += int(np.sum(sing))
     if n_singular:
         _warn_singular(n_singular, len(x))
+    if negative:
+        psi *= np.sign(eigen.lam)[None, :]
     return psi, phi, selfs
 
 
