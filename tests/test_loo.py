@@ -132,6 +132,32 @@ def test_unfactored_solvers_solve_the_factors(solver, mlp):
         assert rel(calc.self_influence((x, y)), np.sum(G * V, axis=1)) < 1e-6
 
 
+def test_fused_eigen_correction_with_conv_targets_and_negative_eigenvalues():
+    """The on-device eigen step (loo.eigen_corrected) through a Conv2D target below the
+    last Dense layer (Jacobian rows from autodiff, patches for the conv kernel) on a barely
+    trained model whose H is indefinite (the sign of the kept negative eigenvalues enters K
+    and the query map): equal to the direct float64 solve with H - H_i/n to 1e-8."""
+    keras = helpers.keras
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6, 6, 2), dtype="float64"),
+        keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="tanh", dtype="float64"),
+        keras.layers.Flatten(dtype="float64"),
+        keras.layers.Dense(3, dtype="float64")])
+    rng = np.random.default_rng(0)
+    x, xq = rng.normal(size=(30, 6, 6, 2)), rng.normal(size=(3, 6, 6, 2))
+    y, yq = rng.integers(0, 3, 30), rng.integers(0, 3, 3)
+    im = InfluenceModel(model, from_logits=True, l2=0.01, target_layers=2)
+    calc = InfluenceCalculator(im, solver="exact", correction="loo").fit((x, y))
+    assert np.any(calc.method.curvature.eigen.lam < 0)
+    G, J, A = loo.hessian_factors(im, x, y)
+    np.testing.assert_allclose(G, grads.per_example_gradients(im, x, y), atol=1e-12)
+    V = loo.direct_corrected_solutions(grads.explicit_hessian(im, x, y), G, J, A, len(x))
+    gq = grads.per_example_gradients(im, xq, yq)
+    assert rel(calc.influence((xq, yq), (x, y)), gq @ V.T) < 1e-8
+    assert rel(calc.self_influence((x, y)), np.sum(G * V, axis=1)) < 1e-8
+
+
 def test_options_and_artifacts(mlp, tmp_path):
     model, x, y, xq, yq = mlp
     with pytest.raises(ConfigError, match="defined for --method=influence"):
