@@ -132,6 +132,36 @@ def test_unfactored_solvers_solve_the_factors(solver, mlp):
         assert rel(calc.self_influence((x, y)), np.sum(G * V, axis=1)) < 1e-6
 
 
+@pytest.mark.parametrize("n", [3.0, 4096.0])
+def test_device_weights_match_numpy(n):
+    """loo._weights_tf (on device; the softmax A applied elementwise from p, a general A by a
+    product; determinants skipped when a norm bound certifies every row) against
+    loo.woodbury_weights (numpy: determinant and solve per row) on rows that are regular,
+    exactly singular (A = I, K = n I: M = 0) and, at small n, far from the identity, where
+    the determinant decides. Same float64 arithmetic up to order: 1e-12 relative."""
+    rng = np.random.default_rng(0)
+    B, C = 40, 4
+    R = rng.normal(size=(B, C, 6))
+    K = R @ np.swapaxes(R, 1, 2)
+    b = rng.normal(size=(B, C))
+    p = rng.dirichlet(np.ones(C), size=B)
+    A_soft = np.eye(C)[None] * p[:, :, None] - p[:, :, None] * p[:, None, :]
+    A_gen = np.repeat(np.eye(C)[None], B, axis=0)
+    K_gen = K.copy()
+    K_gen[0] = n * np.eye(C)
+    for A, Kx, pp in [(A_soft, K, p), (A_gen, K_gen, None)]:
+        want = loo.woodbury_weights(b, Kx, A, n)
+        w, singular = loo._weights_tf(tf.constant(b), tf.constant(Kx),
+                                      None if pp is not None else tf.constant(A),
+                                      None if pp is None else tf.constant(pp),
+                                      tf.constant(n, tf.float64))
+        assert rel(w.numpy(), want) < 1e-12
+        M = np.eye(C)[None] - A @ Kx / n
+        np.testing.assert_array_equal(singular.numpy(),
+                                      np.abs(np.linalg.det(M)) < loo.SINGULAR_RTOL)
+    assert singular.numpy()[0] and not singular.numpy()[1:].any()
+
+
 def test_fused_eigen_correction_with_conv_targets_and_negative_eigenvalues():
     """The on-device eigen step (loo.eigen_corrected) through a Conv2D target below the
     last Dense layer (Jacobian rows from autodiff, patches for the conv kernel) on a barely
