@@ -129,10 +129,9 @@ def _signals(imodel: InfluenceModel, x, y):
     unit vectors, z_l = z); ``dz`` ``(B, C)`` the loss gradient in z and ``A`` ``(B, C, C)``
     the Hessian of the loss in z; ``p`` ``(B, C)`` the softmax probabilities where
     ``A = diag(p) - p p^T`` (cross-entropy on logits, see :func:`_hessian_times`), else None.
-    The gradient is never formed separately:
-    ``g_i = J_i^T dz_i`` (the chain rule; exact for every target layer), so the C Jacobian rows
-    and dz carry it. The second-order tape runs only when needed (deeper target layers, or a
-    loss whose A is not known in closed form)."""
+    The gradient is not formed separately: ``g_i = J_i^T dz_i`` (the chain rule, exact for
+    every target layer), so the C Jacobian rows and dz carry it. The second-order tape runs
+    only when needed (deeper target layers, or a loss whose A is not known in closed form)."""
     kind, last = _split_last(imodel)
     last_only = (len(imodel.target_layers) == 1 and imodel.target_layers[0] is last)
     act_last = getattr(last, "activation", None) if kind != "layer" else last
