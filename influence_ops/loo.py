@@ -27,10 +27,13 @@ so ``v_i = (H - H_i/n)^-1 g_i = H^-1 (g_i + J_i^T w_i)`` with
 corrected train feature is ``phi'_i = phi(g_i + J_i^T w_i)``, scored against the *usual* query
 features: ``<psi(g_test), phi'_i> = g_test^T v_i``. Self-influence is
 ``g_i^T v_i = g_i^T H^-1 g_i + b_i . w_i``. The rows of ``J_i`` share the per-layer structure of
-gradients (``a (outer) signal``), so for an eigenbasis (exact, Arnoldi) their projections cost
-``C`` extra signals on the same fused projection, and the whole step runs on the device
-(:func:`eigen_corrected`). For a low-rank model (Arnoldi) this is the correction restricted to
-its kept eigenspace: ``(Lambda - B_i^T A_i B_i / n)^-1`` with ``B_i = J_i E``.
+gradients (``a (outer) signal``), and the gradient itself is ``g_i = J_i^T dz_i`` (``dz`` the
+loss gradient in z), so for an eigenbasis (exact, Arnoldi) one fused projection of the ``C``
+rows gives everything: ``K_i`` is their Gram matrix, ``b_i = K_i dz_i``, and the query and
+corrected train features are ``dz_i`` and ``dz_i + w_i`` applied to the same projected rows.
+The whole step runs on the device (:func:`eigen_corrected`). For a low-rank model (Arnoldi)
+this is the correction restricted to its kept eigenspace: ``(Lambda - B_i^T A_i B_i / n)^-1``
+with ``B_i = J_i E``.
 
 ``n I - A_i K_i`` is singular exactly when ``H - H_i/n`` is (the example alone determines some
 direction of theta and there is no L2 / damping on it): leave-one-out is undefined there;
@@ -126,11 +129,14 @@ def _softmax_cross_entropy_on_logits(imodel: InfluenceModel, act) -> bool:
 
 
 def _signals(imodel: InfluenceModel, x, y):
-    """Per target layer: ``(layer, a, sig, ident)`` with ``sig`` ``(B, 1 + C, *z_l shape)``: row
-    0 the loss gradient ``dl/dz_l`` (what per-example gradients use), rows 1.. the Jacobian
-    signals ``(dz/dz_l)^T e_c`` (``ident``: they are the unit vectors, z_l = z); and ``A``
-    ``(B, C, C)``, the Hessian of the loss in z. The second-order tape runs only when needed
-    (deeper target layers, or a loss whose A is not known in closed form)."""
+    """``(records, dz, A, p)``: per target layer ``(layer, a, sig, ident)`` with ``sig``
+    ``(B, C, *z_l shape)`` the Jacobian signals ``(dz/dz_l)^T e_c`` (``ident``: they are the
+    unit vectors, z_l = z); ``dz`` ``(B, C)`` the loss gradient in z and ``A`` ``(B, C, C)``
+    the Hessian of the loss in z; ``p`` ``(B, C)`` the softmax probabilities where
+    ``A = diag(p) - p p^T`` (cross-entropy on logits, see :func:`_hessian_times`), else None.
+    The gradient is not formed separately: ``g_i = J_i^T dz_i`` (the chain rule, exact for
+    every target layer), so the C Jacobian rows and dz carry it. The second-order tape runs
+    only when needed (deeper target layers, or a loss whose A is not known in closed form)."""
     kind, last = _split_last(imodel)
     last_only = (len(imodel.target_layers) == 1 and imodel.target_layers[0] is last)
     act_last = getattr(last, "activation", None) if kind != "layer" else last
@@ -159,26 +165,33 @@ def _signals(imodel: InfluenceModel, x, y):
         p = tf.nn.softmax(z)                      # the same A as autodiff, without C passes
         A = tf.linalg.diag(p) - p[:, :, None] * p[:, None, :]
     else:
+        p = None
         A = tf.reshape(outer.batch_jacobian(dz, z), [b, C, C])
         A = 0.5 * (A + tf.transpose(A, [0, 2, 1]))
-    # Directions in z: the loss gradient first, then the unit vectors: (B, 1 + C, C).
-    eye = tf.eye(C, batch_shape=[b], dtype=z.dtype)
-    dirs = tf.concat([tf.reshape(dz, [b, 1, C]), eye], axis=1)
     out_records = []
     for layer, a, zl in records:
-        shape = tf.concat([[b, C + 1], tf.shape(zl)[1:]], axis=0)
-        if zl is z:
-            sig = tf.reshape(dirs, shape)
+        shape = tf.concat([[b, C], tf.shape(zl)[1:]], axis=0)
+        if zl is z:  # the unit vectors (pruned from the graph where the projection skips them)
+            sig = tf.reshape(tf.eye(C, batch_shape=[b], dtype=z.dtype), shape)
         else:
-            J = tf.reshape(outer.batch_jacobian(z, zl), [b, C, -1])   # (B, C, |z_l|)
-            sig = tf.reshape(tf.matmul(dirs, J), shape)
-        # ident: the Jacobian rows are the unit vectors (the last layer's own z).
+            sig = tf.reshape(outer.batch_jacobian(z, zl), shape)
         out_records.append((layer, a, sig, zl is z))
-    return out_records, A
+    return out_records, tf.reshape(dz, [b, C]), A, p
+
+
+def _conv_rows(layer, a, sig):
+    """Conv layer: ``(kernel rows (B, R, kdim * cout), bias rows (B, R, cout))`` of the ``R``
+    signals ``sig`` ``(B, R, oh, ow, cout)``."""
+    b, r = tf.shape(sig)[0], tf.shape(sig)[1]
+    patches = grads._patches(layer, a)
+    kdim, cout = patches.shape[-1], sig.shape[-1]
+    s = tf.reshape(sig, [b, r, -1, cout])                                 # (B, R, T, cout)
+    kern = tf.einsum("btk,brto->brko", tf.reshape(patches, [b, -1, kdim]), s)
+    return tf.reshape(kern, [b, r, -1]), tf.reduce_sum(s, axis=2)
 
 
 def _blocks(records):
-    """Per-example vectors in theta's order, ``(B, 1 + C, d)``: row 0 the gradient."""
+    """The Jacobian rows in theta's order, ``(B, C, d)``."""
     import keras
     blocks = []
     for layer, a, sig, _ in records:
@@ -187,68 +200,54 @@ def _blocks(records):
             blocks.append(tf.reshape(a[:, None, :, None] * sig[:, :, None, :], [b, r, -1]))
             bias = sig
         else:
-            kh, kw = layer.kernel_size
-            sh, sw = layer.strides
-            patches = tf.image.extract_patches(a, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1],
-                                               rates=[1, 1, 1, 1], padding=layer.padding.upper())
-            kdim, cout = patches.shape[-1], sig.shape[-1]
-            p = tf.reshape(patches, [b, -1, kdim])                    # (B, T, kdim)
-            s = tf.reshape(sig, [b, r, -1, cout])                     # (B, R, T, cout)
-            blocks.append(tf.reshape(tf.einsum("btk,brto->brko", p, s), [b, r, -1]))
-            bias = tf.reduce_sum(s, axis=2)
+            kern, bias = _conv_rows(layer, a, sig)
+            blocks.append(kern)
         if layer.use_bias:
             blocks.append(tf.reshape(bias, [b, r, -1]))
     return tf.concat(blocks, axis=2)
 
 
 def _projected(records, P):
-    """``_blocks(records) @ P`` ``(B, 1 + C, k)``; Dense layers never form the block."""
+    """``_blocks(records) @ P`` ``(B, C, k)``; Dense layers never form the block. A Dense
+    layer's kernel and bias rows are contiguous in ``P`` (``(n_in, n_out)`` row-major, then
+    ``n_out``), so ``P`` viewed as ``(n_in + 1, n_out * k)`` projects both in one GEMM of
+    ``[a, 1]``; for the last layer (``ident``) that product is already the answer."""
     import keras
     acc, off = None, 0
     for layer, a, sig, ident in records:
-        ksize = int(np.prod(layer.kernel.shape))
-        pk = P[off:off + ksize]
-        off += ksize
-        b, r, k = tf.shape(sig)[0], tf.shape(sig)[1], tf.shape(P)[1]
-        dense = type(layer) is keras.layers.Dense
-        if dense:
-            n_in, n_out = layer.kernel.shape
-            t = tf.reshape(tf.matmul(a, tf.reshape(pk, [n_in, n_out * k])), [b, n_out, k])
-            if ident:  # the Jacobian rows of a last Dense layer project to t itself
-                term = tf.concat([tf.einsum("bo,bok->bk", sig[:, 0], t)[:, None], t], axis=1)
-            else:
-                term = tf.einsum("bro,bok->brk", sig, t)
-            bias = sig
+        b, k = tf.shape(sig)[0], tf.shape(P)[1]
+        size = int(np.prod(layer.kernel.shape)) + (layer.bias.shape[0] if layer.use_bias else 0)
+        rows = P[off:off + size]
+        off += size
+        if type(layer) is keras.layers.Dense:
+            n_out = layer.kernel.shape[1]
+            if layer.use_bias:
+                a = tf.concat([a, tf.ones([b, 1], a.dtype)], axis=1)
+            t = tf.reshape(tf.matmul(a, tf.reshape(rows, [-1, n_out * k])), [b, n_out, k])
+            term = t if ident else tf.matmul(sig, t)
         else:
-            blk = _blocks([(layer, a, sig)])
-            blk = blk[:, :, :ksize]
-            term = tf.einsum("brd,dk->brk", blk, pk)
-            bias = tf.reduce_sum(tf.reshape(sig, [b, r, -1, sig.shape[-1]]), axis=2)
-        if layer.use_bias:
-            nb = layer.bias.shape[0]
-            pb = P[off:off + nb]
-            if dense and ident:
-                term = term + tf.concat([tf.matmul(sig[:, 0], pb)[:, None],
-                                         tf.broadcast_to(pb[None], [b, nb, k])], axis=1)
-            else:
-                term = term + tf.einsum("bro,ok->brk", tf.reshape(bias, [b, r, nb]), pb)
-            off += nb
+            kern, bias = _conv_rows(layer, a, sig)
+            full = tf.concat([kern, bias], axis=2) if layer.use_bias else kern
+            term = tf.einsum("brd,dk->brk", full, rows)
         acc = term if acc is None else acc + term
     return acc
 
 
 def _factor_fn(imodel: InfluenceModel, projected: bool):
+    """``(G, J, A)`` per block: ``P`` given, ``G P`` and ``J P``; the gradient as ``J^T dz``."""
     def build():
         if projected:
             @tf.function(reduce_retracing=True)
             def fn(x, y, P):
-                records, A = _signals(imodel, x, y)
-                return _projected(records, P), A
+                records, dz, A, _ = _signals(imodel, x, y)
+                J = _projected(records, P)
+                return tf.linalg.matvec(J, dz, transpose_a=True), J, A
         else:
             @tf.function(reduce_retracing=True)
             def fn(x, y):
-                records, A = _signals(imodel, x, y)
-                return _blocks(records), A
+                records, dz, A, _ = _signals(imodel, x, y)
+                J = _blocks(records)
+                return tf.linalg.matvec(J, dz, transpose_a=True), J, A
         return fn
     return grads._cached(imodel, "loo_proj" if projected else "loo_full", build)
 
@@ -256,69 +255,99 @@ def _factor_fn(imodel: InfluenceModel, projected: bool):
 SINGULAR_RTOL = 1e-12
 
 
-def _weights_tf(b, K, A, n):
-    """``w = (n I - A K)^-1 A b`` per row, float64; rows whose system is singular (relative
-    determinant below ``SINGULAR_RTOL``) get ``w = 0`` and a True flag."""
+def _hessian_times(A, p, X):
+    """``A X`` for ``X`` ``(B, C, m)``. With the softmax probabilities ``p``
+    (``A = diag(p) - p p^T``) it is ``p * (X - p^T X)``: a few elementwise operations instead
+    of forming ``A`` and a batched product of ``C x C`` matrices."""
+    if p is None:
+        return tf.matmul(A, X)
+    p = p[:, :, None]
+    return p * (X - tf.reduce_sum(p * X, axis=1, keepdims=True))
+
+
+def _weights_tf(b, K, A, p, n):
+    """``w = (n I - A K)^-1 A b`` per row, float64 (``A`` or ``p`` as in
+    :func:`_hessian_times`); rows whose system is singular (relative determinant of
+    ``M = I - A K / n`` below ``SINGULAR_RTOL``) get ``w = 0`` and a True flag. Their matrix is
+    swapped for I before the solve, which raises on an exactly singular one (by arithmetic on
+    the flag: a broadcast ``tf.where`` over ``(B, C, C)`` measured slower).
+
+    The determinants are taken only when some row needs them: every eigenvalue of
+    ``M = I - E`` is at least ``1 - ||E||_inf`` in modulus, so ``|det M| >= (1 - ||E||_inf)^C``,
+    which exceeds ``SINGULAR_RTOL`` for ``||E||_inf < 1 - SINGULAR_RTOL^(1/C)``; rows under half
+    that bound (a margin for rounding) are certainly regular. With ``n`` in the thousands that
+    is every row, and the flags equal those of the determinant test."""
     C = tf.shape(K)[1]
-    eye = tf.eye(C, batch_shape=[tf.shape(K)[0]], dtype=tf.float64)
-    M = eye - tf.matmul(A, K) / n
-    singular = tf.abs(tf.linalg.det(M)) < SINGULAR_RTOL
-    M = tf.where(singular[:, None, None], eye, M)
-    w = tf.linalg.solve(M, tf.linalg.matvec(A, b)[:, :, None])[:, :, 0] / n
-    return tf.where(singular[:, None], tf.zeros_like(w), w), singular
+    eye = tf.eye(C, dtype=tf.float64)
+    E = _hessian_times(A, p, K) / n
+    M = eye - E
+    bound = 0.5 * (1.0 - tf.pow(tf.constant(SINGULAR_RTOL, tf.float64),
+                                1.0 / tf.cast(C, tf.float64)))
+    regular = tf.reduce_max(tf.reduce_sum(tf.abs(E), axis=2), axis=1) < bound
+    singular = tf.cond(tf.reduce_all(regular), lambda: tf.zeros_like(regular),
+                       lambda: tf.abs(tf.linalg.det(M)) < SINGULAR_RTOL)
+    flag = tf.cast(singular, tf.float64)[:, None, None]
+    w = tf.linalg.solve(M + flag * (eye - M), _hessian_times(A, p, b[:, :, None]) / n)
+    return w[:, :, 0] * (1.0 - flag[:, :, 0]), singular
 
 
-def _eigen_fn(imodel: InfluenceModel):
-    """The whole correction for an eigenbasis ``U diag(lam) U^T`` on device: coordinates of
-    the gradient and of the Jacobian rows (``c_g`` ``(B, k)``, ``c_J`` ``(B, C, k)``) from one
-    fused projection, ``K = c_J diag(1/lam) c_J^T`` and ``b = c_J diag(1/lam) c_g`` in the
-    model's dtype, the ``C x C`` systems for ``w`` in float64, then ``e = c_g + c_J^T w`` (the
-    coordinates of ``g + J^T w``). Only ``(B, k)`` rows leave the device."""
+def _eigen_fn(imodel: InfluenceModel, negative: bool):
+    """The whole correction for an eigenbasis on device, from ``P = U |lam|^-1/2`` (the train
+    projection) and ``s = sign(lam)``: the train-map rows of the Jacobian ``c_J = J P``
+    ``(B, C, k)`` from one fused projection, ``K = c_J diag(s) c_J^T`` (``= J H^-1 J^T``) and
+    ``b = K dz`` (``= J H^-1 g``, as ``g = J^T dz``) in the model's dtype, the ``C x C``
+    systems for ``w`` in float64, then one batched product ``[dz, dz + w] c_J`` ``(B, 2, k)``:
+    the train map of ``g`` (times ``s``: its query map) and of ``g + J^T w``. Self-influence
+    ``g^T H^-1 g + b . w = b . (dz + w)``. Only these rows leave the device. ``negative``:
+    some ``lam < 0`` (else the sign multiplication is left out of K)."""
     def build():
         @tf.function(reduce_retracing=True)
-        def fn(x, y, P, inv_lam, n):
-            records, A = _signals(imodel, x, y)
-            c = _projected(records, P)
-            cg, cj = c[:, 0], c[:, 1:]
-            cgl = cg * tf.cast(inv_lam, c.dtype)[None, :]
-            b = tf.linalg.matvec(cj, cgl)                                  # (B, C)
-            K = tf.matmul(cj * tf.cast(inv_lam, c.dtype)[None, None, :], cj,
+        def fn(x, y, P, sign, n):
+            records, dz, A, p = _signals(imodel, x, y)
+            cj = _projected(records, P)                                    # (B, C, k)
+            K = tf.matmul(cj * sign[None, None, :] if negative else cj, cj,
                           transpose_b=True)                                # (B, C, C)
-            w, singular = _weights_tf(tf.cast(b, tf.float64), tf.cast(K, tf.float64),
-                                      tf.cast(A, tf.float64), n)
-            coords = tf.cast(cg, tf.float64) + tf.cast(
-                tf.linalg.matvec(cj, tf.cast(w, c.dtype), transpose_a=True), tf.float64)
-            self_scores = tf.cast(tf.reduce_sum(cg * cgl, axis=1), tf.float64) + \
-                tf.reduce_sum(tf.cast(b, tf.float64) * w, axis=1)
-            return cg, coords, self_scores, singular
+            b64 = tf.cast(tf.reduce_sum(K * dz[:, None, :], axis=2), tf.float64)   # K dz
+            A64, p64 = (tf.cast(A, tf.float64), None) if p is None else \
+                (None, tf.cast(p, tf.float64))
+            w, singular = _weights_tf(b64, tf.cast(K, tf.float64), A64, p64, n)
+            u = tf.cast(dz, tf.float64) + w
+            phi = tf.matmul(tf.stack([dz, tf.cast(u, dz.dtype)], axis=1), cj)   # (B, 2, k)
+            return phi, tf.reduce_sum(b64 * u, axis=1), singular
         return fn
-    return grads._cached(imodel, "loo_eigen", build)
+    return grads._cached(imodel, ("loo_eigen", negative), build)
 
 
-def eigen_corrected(imodel: InfluenceModel, x, y, U: np.ndarray, lam: np.ndarray, n: float,
+def eigen_corrected(imodel: InfluenceModel, x, y, eigen, n: float,
                     batch_size: int = grads.DEFAULT_BATCH):
-    """For ``(H + damping)^-1 = U diag(1/lam) U^T``: ``(U^T g (N, k), U^T (g + J_i^T w_i)
-    (N, k), corrected self-influence (N,))`` float64; the train features are the second scaled
-    by ``|lam|^-1/2`` (the eigen train map)."""
+    """For an :class:`~influence_ops.solvers.EigenInverse` ``U diag(1/lam) U^T``: its maps
+    ``(psi(g) (N, k), phi(g + J_i^T w_i) (N, k), corrected self-influence (N,))``, float64: the
+    query features of the examples' own gradients, their corrected train features and
+    ``g_i^T v_i``."""
     _split_last(imodel)
     x = grads._cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
-    fn = _eigen_fn(imodel)
-    Pt = tf.constant(np.asarray(U, imodel.dtype.as_numpy_dtype))
-    inv_lam = tf.constant(1.0 / np.asarray(lam, np.float64))
+    dt = imodel.dtype.as_numpy_dtype
+    negative = bool(np.any(eigen.lam < 0))
+    fn = _eigen_fn(imodel, negative)
+    Pt = tf.constant(np.asarray(eigen.projection("train"), dt))
+    sign = tf.constant(np.sign(eigen.lam).astype(dt))
     nt = tf.constant(float(n), tf.float64)
     k = Pt.shape[1]
-    cg = np.empty((len(x), k))
-    coords = np.empty((len(x), k))
+    psi = np.empty((len(x), k))
+    phi = np.empty((len(x), k))
     selfs = np.empty(len(x))
     n_singular = 0
     for s in grads._batches(len(x), batch_size):
-        a, b, c, sing = fn(x[s], y[s], Pt, inv_lam, nt)
-        cg[s], coords[s], selfs[s] = np.asarray(a), np.asarray(b), np.asarray(c)
+        maps, c, sing = fn(x[s], y[s], Pt, sign, nt)
+        maps = np.asarray(maps)
+        psi[s], phi[s], selfs[s] = maps[:, 0], maps[:, 1], np.asarray(c)
         n_singular += int(np.sum(sing))
     if n_singular:
         _warn_singular(n_singular, len(x))
-    return cg, coords, selfs
+    if negative:
+        psi *= np.sign(eigen.lam)[None, :]
+    return psi, phi, selfs
 
 
 def _warn_singular(bad: int, total: int) -> None:
@@ -356,10 +385,9 @@ def _factors(imodel, x, y, P, batch_size):
     extra = () if P is None else (tf.constant(np.asarray(P, imodel.dtype.as_numpy_dtype)),)
     Gs, Js, As = [], [], []
     for s in grads._batches(len(x), batch_size):
-        blk, A = fn(x[s], y[s], *extra)
-        blk = np.asarray(blk, np.float64)
-        Gs.append(blk[:, 0])
-        Js.append(blk[:, 1:])
+        G, J, A = fn(x[s], y[s], *extra)
+        Gs.append(np.asarray(G, np.float64))
+        Js.append(np.asarray(J, np.float64))
         As.append(np.asarray(A, np.float64))
     if not Gs:
         raise ValueError("no examples")

@@ -132,6 +132,62 @@ def test_unfactored_solvers_solve_the_factors(solver, mlp):
         assert rel(calc.self_influence((x, y)), np.sum(G * V, axis=1)) < 1e-6
 
 
+@pytest.mark.parametrize("n", [3.0, 4096.0])
+def test_device_weights_match_numpy(n):
+    """loo._weights_tf (on device; the softmax A applied elementwise from p, a general A by a
+    product; determinants skipped when a norm bound certifies every row) against
+    loo.woodbury_weights (numpy: determinant and solve per row) on rows that are regular,
+    exactly singular (A = I, K = n I: M = 0) and, at small n, far from the identity, where
+    the determinant decides. Same float64 arithmetic up to order: 1e-12 relative."""
+    rng = np.random.default_rng(0)
+    B, C = 40, 4
+    R = rng.normal(size=(B, C, 6))
+    K = R @ np.swapaxes(R, 1, 2)
+    b = rng.normal(size=(B, C))
+    p = rng.dirichlet(np.ones(C), size=B)
+    A_soft = np.eye(C)[None] * p[:, :, None] - p[:, :, None] * p[:, None, :]
+    A_gen = np.repeat(np.eye(C)[None], B, axis=0)
+    K_gen = K.copy()
+    K_gen[0] = n * np.eye(C)
+    for A, Kx, pp in [(A_soft, K, p), (A_gen, K_gen, None)]:
+        want = loo.woodbury_weights(b, Kx, A, n)
+        w, singular = loo._weights_tf(tf.constant(b), tf.constant(Kx),
+                                      None if pp is not None else tf.constant(A),
+                                      None if pp is None else tf.constant(pp),
+                                      tf.constant(n, tf.float64))
+        assert rel(w.numpy(), want) < 1e-12
+        M = np.eye(C)[None] - A @ Kx / n
+        np.testing.assert_array_equal(singular.numpy(),
+                                      np.abs(np.linalg.det(M)) < loo.SINGULAR_RTOL)
+    assert singular.numpy()[0] and not singular.numpy()[1:].any()
+
+
+def test_fused_eigen_correction_with_conv_targets_and_negative_eigenvalues():
+    """The on-device eigen step (loo.eigen_corrected) through a Conv2D target below the
+    last Dense layer (Jacobian rows from autodiff, patches for the conv kernel) on a barely
+    trained model whose H is indefinite (the sign of the kept negative eigenvalues enters K
+    and the query map): equal to the direct float64 solve with H - H_i/n to 1e-8."""
+    keras = helpers.keras
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6, 6, 2), dtype="float64"),
+        keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="tanh", dtype="float64"),
+        keras.layers.Flatten(dtype="float64"),
+        keras.layers.Dense(3, dtype="float64")])
+    rng = np.random.default_rng(0)
+    x, xq = rng.normal(size=(30, 6, 6, 2)), rng.normal(size=(3, 6, 6, 2))
+    y, yq = rng.integers(0, 3, 30), rng.integers(0, 3, 3)
+    im = InfluenceModel(model, from_logits=True, l2=0.01, target_layers=2)
+    calc = InfluenceCalculator(im, solver="exact", correction="loo").fit((x, y))
+    assert np.any(calc.method.curvature.eigen.lam < 0)
+    G, J, A = loo.hessian_factors(im, x, y)
+    np.testing.assert_allclose(G, grads.per_example_gradients(im, x, y), atol=1e-12)
+    V = loo.direct_corrected_solutions(grads.explicit_hessian(im, x, y), G, J, A, len(x))
+    gq = grads.per_example_gradients(im, xq, yq)
+    assert rel(calc.influence((xq, yq), (x, y)), gq @ V.T) < 1e-8
+    assert rel(calc.self_influence((x, y)), np.sum(G * V, axis=1)) < 1e-8
+
+
 def test_options_and_artifacts(mlp, tmp_path):
     model, x, y, xq, yq = mlp
     with pytest.raises(ConfigError, match="defined for --method=influence"):

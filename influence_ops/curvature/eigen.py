@@ -58,11 +58,9 @@ class EigenCurvature(Curvature):
         """The fused on-device correction (:func:`influence_ops.loo.eigen_corrected`)."""
         from influence_ops import loo
         self._check_fitted()
-        e = self.eigen
-        cg, coords, self_scores = loo.eigen_corrected(self.imodel, x, y, e.U, e.lam, n,
-                                                      self.batch_size)
-        return {"train": e.train_map_from_coordinates(coords),
-                "query": e.query_map_from_coordinates(cg), "self": self_scores}
+        query, train, self_scores = loo.eigen_corrected(self.imodel, x, y, self.eigen, n,
+                                                        self.batch_size)
+        return {"train": train, "query": query, "self": self_scores}
 
     def factor_maps(self, x, y):
         """Gradients and logit Jacobians projected on the eigenbasis in one fused pass."""
