@@ -23,9 +23,9 @@ float64 for the exact-oracle tests). None loops over examples in Python:
 * :func:`explicit_hessian` ``(d, d)``: for small d (exact oracle / exact solver).
 * When the only target is the last Dense layer under softmax cross-entropy on logits (the
   most common case) and no GPU is in use, :func:`per_example_gradients`,
-  :func:`projected_gradients`, :func:`hessian_sum` and the per-example losses use the numpy
-  closed forms of :mod:`influence_ops.lastlayer`: the same numbers without tracing anything
-  (small problems answer in milliseconds, large blocks run the same GEMMs).
+  :func:`projected_gradients` (up to ``d k = 2^21``), :func:`hessian_sum` and the per-example
+  losses use the numpy closed forms of :mod:`influence_ops.lastlayer`: the same numbers
+  without tracing anything (small problems answer in milliseconds).
 * :func:`streaming_scores` ``(n, m)``: ``<g_i, psi_q>`` against solved queries ``Psi`` ``(m, d)``
   per layer in the cheaper of a materialized or a Kronecker form, with the per-example losses
   of the same forward pass (see the section at the end of this module).
@@ -237,7 +237,8 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
     """
     x = _cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
-    if lastlayer.applicable(imodel):
+    if lastlayer.applicable(imodel) and \
+            imodel.n_params * np.shape(projection)[1] <= lastlayer.MAX_PROJECTION_SIZE:
         return lastlayer.projected_gradients(imodel, x, y, projection, batch_size)
     proj = tf.constant(np.asarray(projection, dtype=imodel.dtype.as_numpy_dtype))
     grad_fn = _per_example_grad_fn(imodel)

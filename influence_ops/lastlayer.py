@@ -17,13 +17,14 @@ agree everywhere.
 
 They run in numpy: no ``tf.function`` is traced, so the first call on a small problem (the
 digits-sized exact case: 1,200 x 330) costs milliseconds instead of the ~1 s TensorFlow spends
-tracing a jacobian and a projection; on large blocks they run the same GEMMs as the traced
-path, as fast on CPU (4,096 rows, d = 330: 0.029 s against 0.025 s; d = 2,570 with 2,570
-projection columns: 0.65 s against 0.60 s, 2 cores). :mod:`influence_ops.gradients` dispatches
-here when :func:`applicable` holds, which excludes processes where TensorFlow sees a GPU (there
-the traced path runs on the device). The numpy work runs with one BLAS thread: TensorFlow owns
-the cores, and OpenBLAS threads spinning against TensorFlow's made the same products 5-10x
-slower on 2 cores. ``tests/test_lastlayer.py`` checks every formula against the general
+tracing a jacobian and a projection. :mod:`influence_ops.gradients` dispatches here when
+:func:`applicable` holds, which excludes processes where TensorFlow sees a GPU (there the
+traced path runs on the device), and for projections only up to
+:data:`MAX_PROJECTION_SIZE` (``d k``): the numpy work runs with one BLAS thread (TensorFlow
+owns the cores, and OpenBLAS threads spinning against TensorFlow's made small products 5-10x
+slower on 2 cores), so a large projection GEMM is faster on TensorFlow's pool (d = 2,570
+with 2,570 columns on 4,096 rows: 0.35 s there, 0.7 s here); up to that size the two paths
+cost about the same per row (d = 330, k = 330: 0.029 s against 0.025 s for 4,096 rows). ``tests/test_lastlayer.py`` checks every formula against the general
 TensorFlow path.
 """
 
@@ -33,6 +34,9 @@ import numpy as np
 
 from influence_ops.model import InfluenceModel
 from influence_ops.tf_setup import single_threaded_blas
+
+# Largest projection (d x k entries) computed here; larger ones take the traced GEMM.
+MAX_PROJECTION_SIZE = 2 ** 21
 
 
 def applicable(imodel: InfluenceModel) -> bool:
@@ -118,7 +122,7 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
                         batch_size: int) -> np.ndarray:
     """``g_i . P_j = sum_c r_ic (h~_i^T P_j)_c``: never builds the ``(n, d)`` block."""
     dtype = imodel.dtype.as_numpy_dtype
-    P = np.asarray(projection, dtype)
+    P = np.ascontiguousarray(projection, dtype)  # the reshape below is then a view
     k = P.shape[1]
     out = np.empty((len(x), k), dtype=dtype)
     with single_threaded_blas():
