@@ -23,9 +23,10 @@ float64 for the exact-oracle tests). None loops over examples in Python:
 * :func:`explicit_hessian` ``(d, d)``: for small d (exact oracle / exact solver).
 * When the only target is the last Dense layer under softmax cross-entropy on logits (the
   most common case) and no GPU is in use, :func:`per_example_gradients`,
-  :func:`projected_gradients` (up to ``d k = 2^21``), :func:`hessian_sum` and the per-example
-  losses use the numpy closed forms of :mod:`influence_ops.lastlayer`: the same numbers
-  without tracing anything (small problems answer in milliseconds).
+  :func:`projected_gradients` (up to ``d k = 2^21``), :func:`hessian_sum`,
+  :func:`hessian_vector_products`, the front activations and the per-example losses use the
+  numpy closed forms of :mod:`influence_ops.lastlayer`: the same numbers without tracing
+  anything (small problems answer in milliseconds).
 * :func:`streaming_scores` ``(n, m)``: ``<g_i, psi_q>`` against solved queries ``Psi`` ``(m, d)``
   per layer in the cheaper of a materialized or a Kronecker form, with the per-example losses
   of the same forward pass (see the section at the end of this module).
@@ -365,6 +366,8 @@ def front_activations(imodel: InfluenceModel, x, batch_size: int = 1024) -> Fron
     x = _cast_x(imodel, x)
     if imodel._front is None or not imodel._front:
         return FrontActivations(x)
+    if lastlayer.applicable(imodel):
+        return FrontActivations(lastlayer.front(imodel, x, batch_size))
 
     def build():
         @tf.function(reduce_retracing=True)
@@ -422,17 +425,21 @@ def hessian_vector_products(imodel: InfluenceModel, x, y, vectors: np.ndarray,
     x = x.h if cached else _cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
     vectors = np.atleast_2d(np.asarray(vectors, dtype=imodel.dtype.as_numpy_dtype))
-    fn = _hvp_fn(imodel, x, y, on_activations=cached)
-    out = np.zeros_like(vectors)
     n = len(x)
-    batches = list(_batches(n, batch_size))
-    for vs in _batches(len(vectors), HVP_VECTORS_PER_CALL):
-        tv = tf.constant(vectors[vs])
-        acc = None
-        for s in batches:
-            r = fn(x[s], y[s], tv)
-            acc = r if acc is None else acc + r
-        out[vs] = acc.numpy() if acc is not None else 0.0
+    if lastlayer.applicable(imodel):
+        out = lastlayer.hessian_vector_products(imodel, x, y, vectors, batch_size, cached
+                                                ).astype(vectors.dtype)
+    else:
+        fn = _hvp_fn(imodel, x, y, on_activations=cached)
+        out = np.zeros_like(vectors)
+        batches = list(_batches(n, batch_size))
+        for vs in _batches(len(vectors), HVP_VECTORS_PER_CALL):
+            tv = tf.constant(vectors[vs])
+            acc = None
+            for s in batches:
+                r = fn(x[s], y[s], tv)
+                acc = r if acc is None else acc + r
+            out[vs] = acc.numpy() if acc is not None else 0.0
     if reduce == "mean" and n:
         out /= n
     if include_l2 and imodel.has_regularization:

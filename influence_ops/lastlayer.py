@@ -37,6 +37,7 @@ from influence_ops.tf_setup import single_threaded_blas
 
 # Largest projection (d x k entries) computed here; larger ones take the traced GEMM.
 MAX_PROJECTION_SIZE = 2 ** 21
+HVP_CHUNK = 2 ** 23  # numbers in one HVP intermediate (rows x vectors x classes)
 
 
 def applicable(imodel: InfluenceModel) -> bool:
@@ -65,11 +66,11 @@ def _check(imodel: InfluenceModel) -> bool:
     return loo._softmax_cross_entropy_on_logits(imodel, layer.activation)
 
 
-def _forward(imodel: InfluenceModel, x):
+def _forward(imodel: InfluenceModel, x, cached: bool = False):
     """``(h~ (n, a + 1), z (n, C))`` in float64: the layer's input with a ones column, and
-    the logits."""
+    the logits. ``cached``: ``x`` already is the layer's input (front activations)."""
     layer = imodel.target_layers[0]
-    h = np.asarray(imodel.front(x), np.float64).reshape(len(x), -1)
+    h = np.asarray(x if cached else imodel.front(x), np.float64).reshape(len(x), -1)
     h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
     Wb = np.concatenate([np.asarray(layer.kernel.numpy(), np.float64),
                          np.asarray(layer.bias.numpy(), np.float64)[None, :]])
@@ -91,10 +92,10 @@ def _labels(imodel: InfluenceModel, y, n: int, C: int):
     return Y, w
 
 
-def _parts(imodel: InfluenceModel, x, y):
+def _parts(imodel: InfluenceModel, x, y, cached: bool = False):
     """``(h~ (n, a + 1), p (n, C), r (n, C), w (n,))`` in float64, where ``r`` is the loss
     gradient in z and ``A_i = w_i (diag(p_i) - p_i p_i^T)``."""
-    h, z = _forward(imodel, x)
+    h, z = _forward(imodel, x, cached)
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
@@ -171,3 +172,34 @@ def losses_and_outputs(imodel: InfluenceModel, x, y, batch_size: int):
             losses[sl] = w * (Y.sum(axis=1) * lse - (Y * z).sum(axis=1))
             outputs[sl] = z
     return losses, outputs
+
+
+def front(imodel: InfluenceModel, x, batch_size: int) -> np.ndarray:
+    """The target layer's input for every row, run eagerly in batches (nothing traced)."""
+    return np.concatenate([np.asarray(imodel.front(x[sl]))
+                           for sl in _batches(len(x), batch_size)])
+
+
+def hessian_vector_products(imodel: InfluenceModel, x, y, vectors: np.ndarray,
+                            batch_size: int, cached: bool) -> np.ndarray:
+    """``sum_i H_i v`` for the rows v of ``vectors`` ``(m, d)``: with ``V`` a row reshaped to
+    ``(a + 1, C)``, ``H_i v = vec(h~_i (outer) A_i V^T h~_i)`` and ``A_i z = w_i p_i * (z -
+    p_i . z)``; three GEMM-sized contractions per batch, float64. ``cached``: ``x`` holds the
+    front activations."""
+    a1 = imodel.target_layers[0].kernel.shape[0] + 1
+    C = imodel.target_layers[0].units
+    V = np.asarray(vectors, np.float64).reshape(len(vectors), a1, C)
+    out = np.zeros((len(V), a1, C))
+    # Vectors per pass: the (rows, vectors, C) intermediate stays under HVP_CHUNK numbers.
+    per = max(1, HVP_CHUNK // (min(batch_size, max(len(x), 1)) * C))
+    with single_threaded_blas():
+        for sl in _batches(len(x), batch_size):
+            h, p, _, w = _parts(imodel, x[sl], y[sl], cached)
+            wp = (w[:, None] * p)[:, None, :]
+            for vs in _batches(len(V), per):
+                m = vs.stop - vs.start
+                Vt = np.ascontiguousarray(V[vs].transpose(1, 0, 2)).reshape(a1, m * C)
+                Z = (h @ Vt).reshape(len(h), m, C)                   # z = V^T h~ per example
+                AZ = wp * (Z - np.einsum("nmc,nc->nm", Z, p)[:, :, None])
+                out[vs] += (h.T @ AZ.reshape(len(h), m * C)).reshape(a1, m, C).transpose(1, 0, 2)
+    return out.reshape(len(V), a1 * C)

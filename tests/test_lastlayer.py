@@ -28,7 +28,8 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("labels", ["sparse", "onehot", "soft", "weighted"])
-def test_closed_forms_equal_the_tensorflow_path(labels):
+def test_closed_forms_equal_the_tensorflow_path(labels, monkeypatch):
+    monkeypatch.setattr(lastlayer, "HVP_CHUNK", 50)  # HVPs one vector at a time: chunking
     x, y, _, _ = helpers.classification_data(n=37, p=4, classes=3)
     model = helpers.mlp_classifier(4, 3)
     loss = ("categorical_crossentropy" if labels in ("onehot", "soft")
@@ -56,6 +57,14 @@ def test_closed_forms_equal_the_tensorflow_path(labels):
     assert _rel(grads.per_example_losses(fast, x, y), grads.per_example_losses(slow, x, y)) < 1e-9
     H = grads.hessian_sum(fast, x, y, batch_size=8)
     assert _rel(H, grads.hessian_sum(slow, x, y)) < 1e-9
+    V = np.random.default_rng(4).normal(size=(3, fast.n_params))
+    HV = grads.hessian_vector_products(fast, x, y, V, batch_size=16)
+    assert _rel(HV, grads.hessian_vector_products(slow, x, y, V)) < 1e-9
+    assert _rel(HV, V @ (H / len(x) + np.diag(fast.l2_vector))) < 1e-9   # H symmetric
+    acts = grads.front_activations(fast, x)
+    assert _rel(grads.hessian_vector_products(fast, acts, y, V, reduce="sum"),
+                grads.hessian_vector_products(slow, grads.front_activations(slow, x), y, V,
+                                              reduce="sum")) < 1e-9
     assert np.allclose(H, H.T, rtol=0, atol=1e-12 * np.abs(H).max())
 
 
