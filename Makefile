@@ -42,7 +42,7 @@ bench-lds: $(STAMP)
 
 # Flipped-label detection by every method's self-influence and the baselines, two scenarios
 # (brief / memorised), with an HTML page of the tables and detection curves in out/:
-# ~4-5 minutes on 2 cores (cg and lissa take about half of it).
+# ~1-3 minutes on 2 cores (cg takes about half of it).
 bench-mislabel: $(STAMP)
 	$(PY) benchmarks/mislabel.py --html out/mislabel.html
 
