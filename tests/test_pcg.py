@@ -350,3 +350,26 @@ def test_keras_mlp_deflated_pcg_equals_explicit_solve(target_layers):
     assert plain["converged"].all() and defl["converged"].all()
     assert rel_err(X, ref) <= 1e-8 and rel_err(Xd, ref) <= 1e-8
     assert defl["iterations"] < plain["iterations"]
+
+
+@pytest.mark.parametrize("target_layers", [1, 2])
+def test_featurize_fuses_queries_and_self_influence_in_one_projection(target_layers):
+    """pcg's featurize_train projects on [solved queries | the Arnoldi train map] at once:
+    phi equals the gradients times Q^T, and self-influence equals the one of the Arnoldi
+    preconditioner's own maps (float64, 1e-10)."""
+    from influence_ops import InfluenceCalculator
+    from influence_ops import gradients as G
+    from tests import helpers
+
+    x, y, xq, yq = helpers.classification_data()
+    # The two-layer head is not convex: damped past its negative curvature.
+    calc = InfluenceCalculator(helpers.mlp_classifier(x.shape[1], 3), solver="pcg",
+                               target_layers=target_layers, l2=0.05, rank=4, arnoldi_iter=8,
+                               damping=0.0 if target_layers == 1 else 2.0)
+    calc.fit((x, y), queries=(xq, yq))
+    method = calc.method
+    phi, _, self_scores = method.featurize_train(x, y)
+    g = G.per_example_gradients(calc.imodel, x, y)
+    assert rel_err(phi, g @ method.Q.T) <= 1e-10
+    maps = method.curvature.self_curvature.gradient_maps(x, y)
+    assert rel_err(self_scores, np.sum(maps["train"] * maps["query"], axis=1)) <= 1e-10

@@ -35,6 +35,7 @@ TRACE_PROBES = 16
 #: Its host work per iteration grows as ``rows^2 d`` against ``rows`` HVPs over the fit sample.
 BLOCK_ROWS = 128
 AUTO_DAMPING = 1e-3  # fraction of the mean eigenvalue added when H + damping is not PD
+DAMPING_RETRIES = 4  # solves again with more damping after non-positive curvature
 
 
 @register_curvature("pcg")
@@ -104,10 +105,14 @@ class PreconditionedCGCurvature(SampleCurvature):
             if i % 10 == 0:
                 log.info("pcg: iteration %d/%d, %d systems left, worst residual %.1e", i,
                          total, active, worst)
-        try:
-            X, info = self._block_pcg(G, progress)
-        except pcg.NotPositiveDefiniteError as e:
-            X, info = self._solve_with_added_damping(G, progress, e)
+        for attempt in range(DAMPING_RETRIES + 1):
+            try:
+                X, info = self._block_pcg(G, progress)
+                break
+            except pcg.NotPositiveDefiniteError as e:
+                if attempt == DAMPING_RETRIES:
+                    raise
+                self._add_damping_for(e)
         self.last_info = {"iterations": int(info["iterations"]),
                           "converged": int(np.sum(info["converged"])), "systems": len(G),
                           "max_rel_residual": float(np.max(info["rel_residuals"]))
@@ -133,10 +138,11 @@ class PreconditionedCGCurvature(SampleCurvature):
         self.added_damping += delta
         self.damping += delta
 
-    def _solve_with_added_damping(self, G, progress, error):
+    def _add_damping_for(self, error):
         """Non-positive curvature met during the solve (rounding, or a negative eigenvalue the
-        Ritz values missed): shift by the curvature CG saw, rebuild the preconditioner, solve
-        again."""
+        Ritz values missed): shift by the curvature CG saw and rebuild the preconditioner; the
+        caller solves again (up to ``DAMPING_RETRIES`` times: a block direction shows only part
+        of the negative curvature)."""
         old = self.damping
         self._shift_if_indefinite(min(getattr(error, "rayleigh", 0.0), 0.0), "the CG iteration")
         if self.deflation is not None:
@@ -146,7 +152,6 @@ class PreconditionedCGCurvature(SampleCurvature):
                 self.deflation.U[:, keep], self.deflation.lam[keep] + delta,
                 self.deflation.tau + delta)
             self._eigen_curvature = None
-        return self._block_pcg(G, progress)
 
     def _block_pcg(self, G, progress):
         """Block CG over chunks of ``BLOCK_ROWS`` queries. Why block: the queries share one

@@ -218,6 +218,18 @@ class FirstOrderInfluence(InfluenceMethod):
         if approx is not None and not self.relatif:
             # Self-influence at scale from the factored approximation (e.g. the Arnoldi model
             # that preconditions PCG): no per-example solves.
+            from influence_ops.curvature.eigen import EigenCurvature
+            if self.Q is not None and isinstance(approx, EigenCurvature):
+                eigen = approx.eigen
+                # One fused projection on [solved queries | the eigenbasis's train map]: one
+                # forward and backward pass per block instead of two. psi = sign(lam) phi.
+                m = len(self.Q)
+                c = grads.projected_gradients(
+                    self.imodel, x, y, np.concatenate([self.Q.T, eigen.projection("train")],
+                                                      axis=1), self.batch_size
+                ).astype(np.float64)
+                t = c[:, m:]
+                return c[:, :m], np.sum(t * t * np.sign(eigen.lam), axis=1)
             maps = approx.gradient_maps(x, y, train=True, query=True)
             return project(), np.sum(maps["train"] * maps["query"], axis=1)
         g = grads.per_example_gradients(self.imodel, x, y, self.batch_size).astype(np.float64)
