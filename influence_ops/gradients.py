@@ -34,6 +34,8 @@ float64 for the exact-oracle tests). None loops over examples in Python:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import numpy as np
@@ -44,6 +46,24 @@ from influence_ops.model import InfluenceModel
 tf = tf_setup.tensorflow()
 
 DEFAULT_BATCH = 256
+
+# The open record_forward() list of this thread, or None.
+_FORWARD = contextvars.ContextVar("influence_ops_forward", default=None)
+
+
+@contextlib.contextmanager
+def record_forward():
+    """Within it, each :func:`projected_gradients` call appends ``(imodel, losses (n,), model
+    outputs (n, ...))`` of its OWN forward pass to the yielded list (the gradients' forward
+    computes them anyway), so a caller that also needs the losses (the pipeline's loss column
+    and predicted labels) takes them from there instead of a second pass. Heads outside the
+    per-layer and last-layer fast paths record nothing; the caller then computes them."""
+    record = []
+    token = _FORWARD.set(record)
+    try:
+        yield record
+    finally:
+        _FORWARD.reset(token)
 
 
 def _batches(n: int, batch_size: int):
@@ -160,10 +180,14 @@ def _per_layer_blocks(imodel: InfluenceModel, x, y):
     return blocks
 
 
-def _per_layer_projection(imodel: InfluenceModel, x, y, P):
-    """``per_example_gradients @ P`` without building the ``(B, d)`` block for Dense layers."""
+def _per_layer_projection(imodel: InfluenceModel, x, y, P, with_outputs: bool = False):
+    """``per_example_gradients @ P`` without building the ``(B, d)`` block for Dense layers;
+    with ``with_outputs`` also the per-example losses and model outputs of the same pass."""
     import keras
-    records, deltas = _per_layer_signals(imodel, x, y)
+    if with_outputs:
+        records, deltas, losses, outputs = _per_layer_signals_and_losses(imodel, x, y)
+    else:
+        records, deltas = _per_layer_signals(imodel, x, y)
     b, k = tf.shape(x)[0], tf.shape(P)[1]
     acc, off = None, 0
     for (layer, a, _), dz in zip(records, deltas):
@@ -183,7 +207,7 @@ def _per_layer_projection(imodel: InfluenceModel, x, y, P):
             term = term + tf.matmul(db, P[off:off + nb])
             off += nb
         acc = term if acc is None else acc + term
-    return acc
+    return (acc, losses, outputs) if with_outputs else acc
 
 
 def _one_example_gradient(imodel: InfluenceModel, h, y):
@@ -238,26 +262,42 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
     """
     x = _cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
+    record = _FORWARD.get()
     if lastlayer.applicable(imodel) and \
             imodel.n_params * np.shape(projection)[1] <= lastlayer.MAX_PROJECTION_SIZE:
-        return lastlayer.projected_gradients(imodel, x, y, projection, batch_size)
+        parts = [] if record is not None else None
+        out = lastlayer.projected_gradients(imodel, x, y, projection, batch_size, parts)
+        if parts:
+            record.append((imodel,) + parts[0])
+        return out
     proj = tf.constant(np.asarray(projection, dtype=imodel.dtype.as_numpy_dtype))
     grad_fn = _per_example_grad_fn(imodel)
+    fast = _fast_path_layers(imodel) is not None
+    record = record if fast else None
+    with_outputs = record is not None
 
     def build():
-        if _fast_path_layers(imodel) is not None:
+        if fast:
             @tf.function(reduce_retracing=True)
             def fn(xb, yb, p):
-                return _per_layer_projection(imodel, xb, yb, p)
+                return _per_layer_projection(imodel, xb, yb, p, with_outputs)
         else:
             @tf.function(reduce_retracing=True)
             def fn(xb, yb, p):
                 return tf.matmul(grad_fn(xb, yb), p)
         return fn
-    fn = _cached(imodel, "pe_proj", build)
+    fn = _cached(imodel, "pe_proj_outputs" if with_outputs else "pe_proj", build)
     out = np.empty((len(x), proj.shape[1]), dtype=imodel.dtype.as_numpy_dtype)
+    losses, outputs = [], []
     for s in _batches(len(x), batch_size):
-        out[s] = np.asarray(fn(x[s], y[s], proj))
+        res = fn(x[s], y[s], proj)
+        if record is not None:
+            res, ls, os_ = res
+            losses.append(np.asarray(ls))
+            outputs.append(np.asarray(os_))
+        out[s] = np.asarray(res)
+    if with_outputs and losses:
+        record.append((imodel, np.concatenate(losses), np.concatenate(outputs)))
     return out
 
 
@@ -669,14 +709,15 @@ def _arrange_psi(imodel, Psi, plan, np_dtype):
 
 
 def _per_layer_signals_and_losses(imodel: InfluenceModel, x, y):
-    """:func:`_per_layer_signals` plus the per-example losses of the same forward pass."""
+    """:func:`_per_layer_signals` plus the per-example losses and the model outputs of the
+    same forward pass."""
     with tf.GradientTape() as tape:
         out, records = _forward_with_preactivations(imodel, x)
         zs = [z for _, _, z in records]
         tape.watch(zs)
         losses = imodel.per_example_loss(y, out)
         loss = tf.reduce_sum(losses)
-    return records, tape.gradient(loss, zs), losses
+    return records, tape.gradient(loss, zs), losses, out
 
 
 def _patches(layer, a):
@@ -688,7 +729,7 @@ def _patches(layer, a):
 
 def _per_layer_scores(imodel: InfluenceModel, x, y, psis, plan, dtype):
     """``(scores (B, m), losses (B,))`` from one forward and one backward pass."""
-    records, deltas, losses = _per_layer_signals_and_losses(imodel, x, y)
+    records, deltas, losses, _ = _per_layer_signals_and_losses(imodel, x, y)
     b = tf.shape(x)[0]
     acc = None
     for (layer, a, _), dz, p, parts in zip(records, deltas, plan, psis):

@@ -92,16 +92,28 @@ def _labels(imodel: InfluenceModel, y, n: int, C: int):
     return Y, w
 
 
-def _parts(imodel: InfluenceModel, x, y, cached: bool = False):
+def _parts(imodel: InfluenceModel, x, y, cached: bool = False, record=None):
     """``(h~ (n, a + 1), p (n, C), r (n, C), w (n,))`` in float64, where ``r`` is the loss
-    gradient in z and ``A_i = w_i (diag(p_i) - p_i p_i^T)``."""
+    gradient in z and ``A_i = w_i (diag(p_i) - p_i p_i^T)``. ``record`` (a list): append
+    ``(losses, logits)`` of this forward pass."""
     h, z = _forward(imodel, x, cached)
+    Y, w = _labels(imodel, y, len(z), z.shape[1])
+    if record is not None:
+        record.append((_losses(z, Y, w), z.copy()))
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
-    Y, w = _labels(imodel, y, len(p), p.shape[1])
     r = (p - Y) * w[:, None]
     return h, p, r, w
+
+
+def _losses(z, Y, w):
+    """Keras's cross-entropy on logits ``sum_c y_c (logsumexp(z) - z_c)``, times ``w``.
+    Overflowing inputs give non-finite losses, which the callers dead-letter (no warning)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        top = z.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+        return w * (Y.sum(axis=1) * lse - (Y * z).sum(axis=1))
 
 
 def _batches(n, batch_size):
@@ -120,19 +132,25 @@ def per_example_gradients(imodel: InfluenceModel, x, y, batch_size: int) -> np.n
 
 
 def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
-                        batch_size: int) -> np.ndarray:
-    """``g_i . P_j = sum_c r_ic (h~_i^T P_j)_c``: never builds the ``(n, d)`` block."""
+                        batch_size: int, record=None) -> np.ndarray:
+    """``g_i . P_j = sum_c r_ic (h~_i^T P_j)_c``: never builds the ``(n, d)`` block.
+    ``record`` (:func:`influence_ops.gradients.record_forward`'s list): append the losses and
+    outputs of this pass."""
     dtype = imodel.dtype.as_numpy_dtype
     P = np.ascontiguousarray(projection, dtype)  # the reshape below is then a view
     k = P.shape[1]
     out = np.empty((len(x), k), dtype=dtype)
+    parts = [] if record is not None else None
     with single_threaded_blas():
         for sl in _batches(len(x), batch_size):
-            h, _, r, _ = _parts(imodel, x[sl], y[sl])
+            h, _, r, _ = _parts(imodel, x[sl], y[sl], record=parts)
             C = r.shape[1]
             t = (h.astype(dtype, copy=False) @ P.reshape(h.shape[1], C * k)
                  ).reshape(len(h), C, k)
             out[sl] = np.einsum("nc,nck->nk", r.astype(dtype, copy=False), t)
+    if parts:
+        record.append((np.concatenate([p[0] for p in parts]).astype(dtype),
+                       np.concatenate([p[1] for p in parts]).astype(dtype)))
     return out
 
 
@@ -162,14 +180,11 @@ def losses_and_outputs(imodel: InfluenceModel, x, y, batch_size: int):
     dtype = imodel.dtype.as_numpy_dtype
     C = imodel.target_layers[0].units
     losses, outputs = np.empty(len(x), dtype), np.empty((len(x), C), dtype)
-    # Overflowing inputs give non-finite losses, which the callers dead-letter (no warning).
-    with single_threaded_blas(), np.errstate(over="ignore", invalid="ignore"):
+    with single_threaded_blas():
         for sl in _batches(len(x), batch_size):
             _, z = _forward(imodel, x[sl])
             Y, w = _labels(imodel, y[sl], len(z), C)
-            top = z.max(axis=1, keepdims=True)
-            lse = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
-            losses[sl] = w * (Y.sum(axis=1) * lse - (Y * z).sum(axis=1))
+            losses[sl] = _losses(z, Y, w)
             outputs[sl] = z
     return losses, outputs
 

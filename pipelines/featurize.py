@@ -121,8 +121,12 @@ class _FeaturizeDoFn(ModelDoFn):
         labels = labels_as_strings(y)
         if self.role == "train":
             # --weight_key: features, self-influence and loss are those of w_i l_i.
-            phi, psi, self_scores = method.featurize_train(block.x, ym)
-            losses, outputs = G.losses_and_outputs(imodel, block.x, ym)
+            with G.record_forward() as forward:
+                phi, psi, self_scores = method.featurize_train(block.x, ym)
+            if len(forward) == 1 and forward[0][0] is imodel and len(forward[0][1]) == len(block):
+                _, losses, outputs = forward[0]   # the gradients' own forward pass
+            else:
+                losses, outputs = G.losses_and_outputs(imodel, block.x, ym)
             predicted, confidence = G.predicted_labels(imodel, outputs, y)
             extra = {}
             if self.config.boundary != "none":

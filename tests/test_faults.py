@@ -108,7 +108,7 @@ def test_an_attempt_after_a_failed_one_gives_what_a_fresh_attempt_gives(inp, cle
         return out[0]
 
     retried = featurize._FeaturizeDoFn(config, "train")
-    real = G.losses_and_outputs
+    real = G.predicted_labels   # runs after the block's gradients: a failure mid-block
     state = {"failed": False}
 
     def fail_once(*a, **k):
@@ -116,7 +116,7 @@ def test_an_attempt_after_a_failed_one_gives_what_a_fresh_attempt_gives(inp, cle
             state["failed"] = True
             raise MemoryError("injected: worker ran out of memory mid-bundle")
         return real(*a, **k)
-    monkeypatch.setattr(G, "losses_and_outputs", fail_once)
+    monkeypatch.setattr(G, "predicted_labels", fail_once)
     with pytest.raises(MemoryError):
         attempt(retried)
     second = attempt(retried)

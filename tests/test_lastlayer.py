@@ -107,3 +107,33 @@ def test_not_applicable_outside_its_assumptions(case):
                               keras.layers.Dense(5, activation="tanh", dtype=dt), last])
     assert not lastlayer.applicable(InfluenceModel(model, **kw))
 
+
+
+@pytest.mark.parametrize("target_layers", [1, 2, "general"])
+def test_record_forward_gives_the_losses_and_outputs_of_the_projection_pass(target_layers):
+    """gradients.record_forward: projected_gradients records the per-example losses and the
+    model outputs of its own forward pass (last-layer closed form, the per-layer TF path);
+    heads outside those paths record nothing (the pipeline then runs a second pass)."""
+    x, y, _, _ = helpers.classification_data(n=37, p=4, classes=3)
+    model = helpers.mlp_classifier(4, 3)
+    if target_layers == "general":   # a target that is not Dense / Conv2D: general path
+        model = keras.Sequential([keras.Input((4,), dtype="float64"), model.layers[0],
+                                  keras.layers.EinsumDense("ab,bc->ac", output_shape=3,
+                                                           bias_axes="c", dtype="float64")])
+    im = InfluenceModel(model, target_layers=1 if target_layers == "general" else target_layers,
+                        from_logits=True)
+    P = np.random.default_rng(3).normal(size=(im.n_params, 4))
+    with grads.record_forward() as forward:
+        proj = grads.projected_gradients(im, x, y, P, batch_size=10)
+    assert _rel(proj, grads.per_example_gradients(im, x, y) @ P) < 1e-9
+    if target_layers == "general":
+        assert forward == []
+        return
+    (who, losses, outputs), = forward
+    want_losses, want_outputs = grads.losses_and_outputs(im, x, y)
+    assert who is im
+    assert _rel(losses, want_losses) < 1e-9 and _rel(outputs, want_outputs) < 1e-9
+    with grads.record_forward() as inner:
+        pass
+    grads.projected_gradients(im, x, y, P)   # outside the context: nothing recorded
+    assert inner == [] and len(forward) == 1
