@@ -9,7 +9,9 @@ weighted), every derivative the methods need is a small matrix formula in the la
 * per-example gradient ``g_i = vec(h~_i (outer) r_i)`` with ``h~_i = [h_i, 1]`` and
   ``r_i = w_i (p_i - y_i)``: the flattening order of the layer's ``[kernel, bias]`` is exactly
   that of the ``(a + 1, C)`` matrix ``h~ r^T``;
-* Hessian ``sum_i (h~_i h~_i^T) (kron) A_i`` with ``A_i = w_i (diag(p_i) - p_i p_i^T)``.
+* Hessian ``sum_i (h~_i h~_i^T) (kron) A_i`` with ``A_i = w_i (diag(p_i) - p_i p_i^T)``, and
+  Hessian-vector products from the same factors without forming it;
+* per-example losses ``w_i sum_c y_ic (logsumexp(z_i) - z_ic)`` and the outputs ``z``.
 
 Label rows are one-hot or probabilities summing to 1; for rows that do not, these are the
 derivatives TensorFlow's own softmax cross-entropy gradient uses (``p - y``), so both paths
@@ -24,8 +26,8 @@ traced path runs on the device), and for projections only up to
 owns the cores, and OpenBLAS threads spinning against TensorFlow's made small products 5-10x
 slower on 2 cores), so a large projection GEMM is faster on TensorFlow's pool (d = 2,570
 with 2,570 columns on 4,096 rows: 0.35 s there, 0.7 s here); up to that size the two paths
-cost about the same per row (d = 330, k = 330: 0.029 s against 0.025 s for 4,096 rows). ``tests/test_lastlayer.py`` checks every formula against the general
-TensorFlow path.
+cost about the same per row (d = 330, k = 330: 0.029 s against 0.025 s for 4,096 rows).
+``tests/test_lastlayer.py`` checks every formula against the general TensorFlow path.
 """
 
 from __future__ import annotations
