@@ -233,23 +233,16 @@ def _projected(records, P):
     return acc
 
 
-def _factor_fn(imodel: InfluenceModel, projected: bool):
-    """``(G, J, A)`` per block: ``P`` given, ``G P`` and ``J P``; the gradient as ``J^T dz``."""
+def _factor_fn(imodel: InfluenceModel):
+    """``(G, J, A)`` per block, the gradient as ``J^T dz`` (the chain rule)."""
     def build():
-        if projected:
-            @tf.function(reduce_retracing=True)
-            def fn(x, y, P):
-                records, dz, A, _ = _signals(imodel, x, y)
-                J = _projected(records, P)
-                return tf.linalg.matvec(J, dz, transpose_a=True), J, A
-        else:
-            @tf.function(reduce_retracing=True)
-            def fn(x, y):
-                records, dz, A, _ = _signals(imodel, x, y)
-                J = _blocks(records)
-                return tf.linalg.matvec(J, dz, transpose_a=True), J, A
+        @tf.function(reduce_retracing=True)
+        def fn(x, y):
+            records, dz, A, _ = _signals(imodel, x, y)
+            J = _blocks(records)
+            return tf.linalg.matvec(J, dz, transpose_a=True), J, A
         return fn
-    return grads._cached(imodel, "loo_proj" if projected else "loo_full", build)
+    return grads._cached(imodel, "loo_full", build)
 
 
 SINGULAR_RTOL = 1e-12
@@ -366,26 +359,13 @@ def hessian_factors(imodel: InfluenceModel, x, y, batch_size: int = grads.DEFAUL
     """``(G (n, d), J (n, C, d), A (n, C, C))``, float64: per-example gradients, Jacobians of
     the logits and the loss Hessians in the logits, ``Hessian(l_i) ~ J_i^T A_i J_i`` (exact for
     last-layer targets)."""
-    return _factors(imodel, x, y, None, batch_size)
-
-
-def projected_factors(imodel: InfluenceModel, x, y, P: np.ndarray,
-                      batch_size: int = grads.DEFAULT_BATCH
-                      ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(G P (n, k), J P (n, C, k), A (n, C, C))`` float64 in one fused pass (``P`` ``(d, k)``)."""
-    return _factors(imodel, x, y, P, batch_size)
-
-
-def _factors(imodel, x, y, P, batch_size):
-    """The batch loop of both: ``P`` None gives the factors in theta's coordinates."""
     _split_last(imodel)
     x = grads._cast_x(imodel, x)
     y = imodel.check_labels(y, len(x))
-    fn = _factor_fn(imodel, projected=P is not None)
-    extra = () if P is None else (tf.constant(np.asarray(P, imodel.dtype.as_numpy_dtype)),)
+    fn = _factor_fn(imodel)
     Gs, Js, As = [], [], []
     for s in grads._batches(len(x), batch_size):
-        G, J, A = fn(x[s], y[s], *extra)
+        G, J, A = fn(x[s], y[s])
         Gs.append(np.asarray(G, np.float64))
         Js.append(np.asarray(J, np.float64))
         As.append(np.asarray(A, np.float64))

@@ -62,17 +62,6 @@ class EigenCurvature(Curvature):
                                                         self.batch_size)
         return {"train": train, "query": query, "self": self_scores}
 
-    def factor_maps(self, x, y):
-        """Gradients and logit Jacobians projected on the eigenbasis in one fused pass."""
-        from influence_ops import loo
-        self._check_fitted()
-        cg, cj, A = loo.projected_factors(self.imodel, x, y, self.eigen.U, self.batch_size)
-        e = self.eigen
-        return {"g_train": e.train_map_from_coordinates(cg),
-                "g_query": e.query_map_from_coordinates(cg),
-                "J_train": e.train_map_from_coordinates(cj),
-                "J_query": e.query_map_from_coordinates(cj), "A": A}
-
     def query_maps(self, x, y):
         self._check_fitted()
         return grads.projected_gradients(self.imodel, x, y, self.eigen.projection("query"),
