@@ -143,12 +143,9 @@ def _forward_with_preactivations(imodel: InfluenceModel, x):
 
 
 def _per_layer_signals(imodel: InfluenceModel, x, y):
-    with tf.GradientTape() as tape:
-        out, records = _forward_with_preactivations(imodel, x)
-        zs = [z for _, _, z in records]
-        tape.watch(zs)
-        loss = tf.reduce_sum(imodel.per_example_loss(y, out))
-    return records, tape.gradient(loss, zs)
+    """``(records, dl/dz per target layer)`` (:func:`_per_layer_signals_and_losses` without
+    the losses and outputs, which a traced graph drops when unused)."""
+    return _per_layer_signals_and_losses(imodel, x, y)[:2]
 
 
 def _conv_patch_grads(layer, a, dz):
@@ -184,10 +181,7 @@ def _per_layer_projection(imodel: InfluenceModel, x, y, P, with_outputs: bool = 
     """``per_example_gradients @ P`` without building the ``(B, d)`` block for Dense layers;
     with ``with_outputs`` also the per-example losses and model outputs of the same pass."""
     import keras
-    if with_outputs:
-        records, deltas, losses, outputs = _per_layer_signals_and_losses(imodel, x, y)
-    else:
-        records, deltas = _per_layer_signals(imodel, x, y)
+    records, deltas, losses, outputs = _per_layer_signals_and_losses(imodel, x, y)
     b, k = tf.shape(x)[0], tf.shape(P)[1]
     acc, off = None, 0
     for (layer, a, _), dz in zip(records, deltas):
@@ -265,16 +259,11 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
     record = _FORWARD.get()
     if lastlayer.applicable(imodel) and \
             imodel.n_params * np.shape(projection)[1] <= lastlayer.MAX_PROJECTION_SIZE:
-        parts = [] if record is not None else None
-        out = lastlayer.projected_gradients(imodel, x, y, projection, batch_size, parts)
-        if parts:
-            record.append((imodel,) + parts[0])
-        return out
+        return lastlayer.projected_gradients(imodel, x, y, projection, batch_size, record)
     proj = tf.constant(np.asarray(projection, dtype=imodel.dtype.as_numpy_dtype))
     grad_fn = _per_example_grad_fn(imodel)
     fast = _fast_path_layers(imodel) is not None
-    record = record if fast else None
-    with_outputs = record is not None
+    with_outputs = fast and record is not None
 
     def build():
         if fast:
@@ -291,7 +280,7 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
     losses, outputs = [], []
     for s in _batches(len(x), batch_size):
         res = fn(x[s], y[s], proj)
-        if record is not None:
+        if with_outputs:
             res, ls, os_ = res
             losses.append(np.asarray(ls))
             outputs.append(np.asarray(os_))

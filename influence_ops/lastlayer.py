@@ -136,8 +136,8 @@ def per_example_gradients(imodel: InfluenceModel, x, y, batch_size: int) -> np.n
 def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
                         batch_size: int, record=None) -> np.ndarray:
     """``g_i . P_j = sum_c r_ic (h~_i^T P_j)_c``: never builds the ``(n, d)`` block.
-    ``record`` (:func:`influence_ops.gradients.record_forward`'s list): append the losses and
-    outputs of this pass."""
+    ``record`` (:func:`influence_ops.gradients.record_forward`'s list): append ``(imodel,
+    losses, outputs)`` of this pass."""
     dtype = imodel.dtype.as_numpy_dtype
     P = np.ascontiguousarray(projection, dtype)  # the reshape below is then a view
     k = P.shape[1]
@@ -151,7 +151,7 @@ def projected_gradients(imodel: InfluenceModel, x, y, projection: np.ndarray,
                  ).reshape(len(h), C, k)
             out[sl] = np.einsum("nc,nck->nk", r.astype(dtype, copy=False), t)
     if parts:
-        record.append((np.concatenate([p[0] for p in parts]).astype(dtype),
+        record.append((imodel, np.concatenate([p[0] for p in parts]).astype(dtype),
                        np.concatenate([p[1] for p in parts]).astype(dtype)))
     return out
 
