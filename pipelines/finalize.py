@@ -154,9 +154,11 @@ class _MergeIdStats(beam.CombineFn):
 
 
 class CheckIds(beam.PTransform):
-    """``(blocks, dead letters) -> one dict``: rows, distinct ids, ids that occur more than
-    once and the first of them (sorted, with their counts) for one role. Ids move in blocks
-    per hash shard, so the cost is one shuffle of the ids, not one element per example."""
+    """``(blocks, dead letters) -> ("ids", role, stats)`` facts, one per hash shard of the ids,
+    which :class:`GatherFacts` merges into one dict: rows, distinct ids, ids that occur more
+    than once and the first of them (sorted, with their counts) for one role. Ids move in
+    blocks per hash shard, so the cost is one shuffle of the ids, not one element per
+    example."""
 
     def __init__(self, role: str):
         super().__init__()
@@ -171,8 +173,7 @@ class CheckIds(beam.PTransform):
         return (ids
                 | f"Shard_{r}" >> beam.FlatMap(_id_shards)
                 | f"ByShard_{r}" >> beam.GroupByKey()
-                | f"ShardStats_{r}" >> beam.Map(_shard_stats)
-                | f"IdStats_{r}" >> beam.CombineGlobally(_MergeIdStats()))
+                | f"ShardStats_{r}" >> beam.Map(lambda kv: ("ids", r, _shard_stats(kv))))
 
 
 def id_problem(role: str, stats: dict, id_key: str) -> Optional[str]:
@@ -235,6 +236,75 @@ class DeadSummary(beam.CombineFn):
                     "source": e[3]} for k, e in acc[1].items()]
         reasons.sort(key=lambda r: (-r["count"], r["stage"], r["example_id"]))
         return {"total": acc[0], "reasons": reasons}
+
+
+class _Sum(beam.CombineFn):
+    def create_accumulator(self):
+        return 0
+
+    def add_input(self, acc, n):
+        return acc + n
+
+    def merge_accumulators(self, accs):
+        return sum(accs)
+
+    def extract_output(self, acc):
+        return acc
+
+
+class GatherFacts(beam.CombineFn):
+    """Facts ``("kind", name, value)`` -> one list of facts, in one combine.
+
+    Facts of the kinds in :attr:`COMBINE` are combined per ``(kind, name)`` (``count`` and
+    ``rows`` summed, ``timing`` seconds summed and counted, ``dead_summary`` dead letters
+    summarised, ``ids`` per-shard id stats merged); ``expect`` lists the ``(kind, name)`` pairs
+    reported even when no fact of theirs arrived (their empty combine: 0 rows, no dead
+    letters, ...). Any other fact passes through as it is. One combine for all the job's
+    counters, instead of one each, keeps the job graph small: every ``CombineGlobally`` is a
+    shuffle stage of its own, and on the local runner those stages were most of a small job's
+    run time.
+    """
+
+    COMBINE = {"count": _Sum(), "rows": _Sum(), "timing": SumCount(),
+               "dead_summary": DeadSummary(), "ids": _MergeIdStats()}
+
+    def __init__(self, expect=()):
+        self.expect = tuple(tuple(e) for e in expect)
+
+    def create_accumulator(self):
+        return [{}, []]  # (kind, name) -> the kind's accumulator; facts kept as they are
+
+    def add_input(self, acc, fact):
+        kind, name, value = fact
+        fn = self.COMBINE.get(kind)
+        if fn is None:
+            acc[1].append(fact)
+        else:
+            key = (kind, name)
+            have = acc[0].get(key)
+            acc[0][key] = fn.add_input(fn.create_accumulator() if have is None else have, value)
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for parts, facts in accs:
+            for key, a in parts.items():
+                have = out[0].get(key)
+                out[0][key] = a if have is None else self.COMBINE[key[0]].merge_accumulators(
+                    [have, a])
+            out[1].extend(facts)
+        return out
+
+    def extract_output(self, acc):
+        parts = {key: self.COMBINE[key[0]].create_accumulator() for key in self.expect}
+        parts.update(acc[0])
+        return [(kind, name, self.COMBINE[kind].extract_output(a))
+                for (kind, name), a in sorted(parts.items())] + acc[1]
+
+
+def facts_dict(facts) -> dict:
+    """``{(kind, name): value}`` of combined facts (one value per pair)."""
+    return {(kind, name): value for kind, name, value in facts}
 
 
 def describe_dead(summary: Optional[dict], limit: int = 3) -> str:

@@ -48,7 +48,7 @@ from influence_ops.config import ConfigError, InfluenceConfig
 from pipelines import featurize, fit, groups, score
 from pipelines.constants import (ARTIFACT, CLAIM, MANIFEST, METRICS, NAMESPACE, SUCCESS,
                                  TABLES)
-from pipelines.finalize import (CheckIds, DeadSummary, RunError, SumCount, _join, finalize,
+from pipelines.finalize import (CheckIds, GatherFacts, RunError, _join, facts_dict, finalize,
                                 id_problem, is_local, release_claim, write_atomic)
 from pipelines.options import job_config
 from pipelines.read import ReadExamples, peek
@@ -322,10 +322,16 @@ def _dead_table(rows):
                     schema=schemas.DEAD_LETTER_SCHEMA)
 
 
-def _make_guard(_, ids_train, ids_query, train_ok, dead_train, id_key):
-    problems = [p for p in (id_problem("train", ids_train, id_key),
-                            id_problem("query", ids_query, id_key)) if p]
-    return {"problems": problems, "train_ok": train_ok, "dead": dead_train}
+_GUARD_FACTS = [("ids", "train"), ("ids", "query"), ("count", "train_ok"),
+                ("dead_summary", "train")]
+
+
+def _make_guard(facts, id_key):
+    f = facts_dict(facts)
+    problems = [p for p in (id_problem("train", f["ids", "train"], id_key),
+                            id_problem("query", f["ids", "query"], id_key)) if p]
+    return {"problems": problems, "train_ok": f["count", "train_ok"],
+            "dead": f["dead_summary", "train"]}
 
 
 def _total(pcoll, label: str, size=len):
@@ -360,22 +366,24 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
     else:  # no --queries: self-influence only
         queries = p | "NoQueries" >> beam.Create([])
         dead_read_q = p | "NoQueryDead" >> beam.Create([])
-    counts = {"train_read_valid": _total(train, "TrainRead"),
-              "query_read_valid": _total(queries, "QueryRead"),
-              "dead_at_read": _total((dead_read_t, dead_read_q) | "DeadRead" >> beam.Flatten(),
-                                     "DeadAtRead", size=lambda _: 1)}
+    # Counters are facts summed by the last step's one combine (GatherFacts), not one
+    # combine each: every CombineGlobally is a shuffle stage of its own.
+    counts = {"train_read_valid": train, "query_read_valid": queries,
+              "dead_at_read": (dead_read_t, dead_read_q) | "DeadRead" >> beam.Flatten()}
+    count_size = {"dead_at_read": lambda _: 1}
     # Ids are counted as read (dead letters included): unique per role, or no fit.
     ids_t = (train, dead_read_t) | "CheckIdsTrain" >> CheckIds("train")
     ids_q = (queries, dead_read_q) | "CheckIdsQueries" >> CheckIds("query")
     train, dead_label_t = featurize.validate_labels(train, config, "ValidateLabelsTrain")
     queries, dead_label_q = featurize.validate_labels(queries, config, "ValidateLabelsQueries")
-    dead_train = ((dead_read_t, dead_label_t) | "DeadTrain" >> beam.Flatten()
-                  | "DeadTrainSummary" >> beam.CombineGlobally(DeadSummary()))
-    guard = (p | "GuardSeed" >> beam.Create([None])
-             | "Guard" >> beam.Map(_make_guard, beam.pvalue.AsSingleton(ids_t),
-                                   beam.pvalue.AsSingleton(ids_q),
-                                   beam.pvalue.AsSingleton(_total(train, "TrainChecked")),
-                                   beam.pvalue.AsSingleton(dead_train), config.id_key))
+    # What the fit checks first (unique ids, training examples left), in one combine.
+    guard = ((ids_t, ids_q,
+              train | "FactTrainChecked" >> beam.Map(lambda b: ("count", "train_ok", len(b))),
+              (dead_read_t, dead_label_t) | "DeadTrain" >> beam.Flatten()
+              | "FactDeadTrain" >> beam.Map(lambda d: ("dead_summary", "train", d)))
+             | "GuardFacts" >> beam.Flatten()
+             | "GuardGather" >> beam.CombineGlobally(GatherFacts(expect=_GUARD_FACTS))
+             | "Guard" >> beam.Map(_make_guard, config.id_key))
     artifact = train | "FitMethod" >> fit.FitMethod(config, _join(out, ARTIFACT), queries,
                                                     guard, reads["train"])
     # Pass 2 over the training input: the files (not the decoded examples) wait for the
@@ -387,8 +395,8 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
         featurize.ReadAndFeaturize(reads["train"], config, artifact, emit_blocks=group_blocks))
     query_f, time_qf, dead_feat_q = queries | "FeaturizeQueries" >> featurize.Featurize(
         config, artifact, "query")
-    counts["train_examples_featurized"] = _total(train_f, "TrainFeaturized")
-    counts["query_examples_featurized"] = _total(query_f, "QueryFeaturized")
+    counts["train_examples_featurized"] = train_f
+    counts["query_examples_featurized"] = query_f
     scored = train_f | "Score" >> score.Score(query_f, opts.k, opts.write_pairwise,
                                               opts.write_features, config.boundary_columns,
                                               config.examples_top)
@@ -440,22 +448,22 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
     # Everything the last step needs, as ("kind", name, value) records in one list: gathering
     # them waits for every writer to finish (their outputs are the final file names).
     facts = [artifact | "FactArtifact" >> beam.Map(lambda a: ("artifact", "path", a)),
-             ids_t | "FactIdsTrain" >> beam.Map(lambda v: ("ids", "train", v)),
-             ids_q | "FactIdsQuery" >> beam.Map(lambda v: ("ids", "query", v)),
+             ids_t, ids_q,
              k_flag | "FactKFlag" >> beam.Map(lambda v: ("topk_flag", "k_exceeds_half", v)),
-             all_dead | "DeadSummary" >> beam.CombineGlobally(DeadSummary())
-             | "FactDead" >> beam.Map(lambda v: ("dead_summary", "all", v))]
+             all_dead | "FactDead" >> beam.Map(lambda d: ("dead_summary", "all", d))]
     for name, pc in counts.items():
-        facts.append(pc | f"Fact_{name}" >> beam.Map(lambda v, n=name: ("count", n, v)))
+        facts.append(pc | f"Fact_{name}" >> beam.Map(
+            lambda e, n=name, size=count_size.get(name, len): ("count", n, size(e))))
     for name, pc in tables.items():
-        facts.append(_total(pc, f"Rows_{name}", size=_rows)
-                     | f"FactRows_{name}" >> beam.Map(lambda v, n=name: ("rows", n, v)))
+        facts.append(pc | f"FactRows_{name}" >> beam.Map(lambda t, n=name: ("rows", n, _rows(t))))
     for name, pc in written.items():
         facts.append(pc | f"FactFiles_{name}" >> beam.Map(lambda f, n=name: ("file", n, f)))
-    timings = ((time_tf, time_qf, scored.timing) | "AllTimings" >> beam.Flatten()
-               | "TimingSums" >> beam.CombinePerKey(SumCount()))
-    facts.append(timings | "FactTimings" >> beam.Map(lambda kv: ("timing", kv[0], kv[1])))
-    _ = (facts | "AllFacts" >> beam.Flatten() | "Gather" >> beam.combiners.ToList()
+    facts.append((time_tf, time_qf, scored.timing) | "AllTimings" >> beam.Flatten()
+                 | "FactTimings" >> beam.Map(lambda kv: ("timing", kv[0], kv[1])))
+    _ = (facts | "AllFacts" >> beam.Flatten()
+         | "Gather" >> beam.CombineGlobally(GatherFacts(
+             expect=[("count", n) for n in counts] + [("rows", n) for n in tables]
+             + [("ids", "train"), ("ids", "query"), ("dead_summary", "all")]))
          | "Finalize" >> beam.Map(finalize, out, dict(run_options or {}),
                                   opts.max_bad_fraction, opts.method, _solver_name(config),
                                   opts.k, opts.id_key, run_id, list(warnings or [])))

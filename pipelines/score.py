@@ -131,17 +131,21 @@ class MergeTopK(beam.PTransform):
     """Per-block accumulators -> ``(table, k_exceeds_half)``: one pyarrow table (query_id,
     rank, train_id, score, kind) and a one-element flag, True when ``2 k`` exceeds the
     training examples scored, i.e. each query's two lists share examples (the last step
-    records it in the manifest and warns)."""
+    records it in the manifest and warns).
 
-    def __init__(self, query_features, k: int, fanout: int = 16):
+    No ``with_fanout``: the runner already combines each bundle's partials where they are
+    made (combiner lifting), so a fan-out only adds a shuffle, and inside a bundle it splits
+    the running lists 16 ways, each paying for its own first blocks (2-3x the top-k cost in
+    ``benchmarks/bench_topk.py``)."""
+
+    def __init__(self, query_features, k: int):
         super().__init__()
-        self.query_features, self.k, self.fanout = query_features, k, fanout
+        self.query_features, self.k = query_features, k
 
     def expand(self, partials):
         from influence_ops.combiners import TopKCombiner
         merged = (partials
-                  | "Merge" >> beam.CombineGlobally(BeamCombineFn(TopKCombiner(self.k)))
-                  .with_fanout(self.fanout))
+                  | "Merge" >> beam.CombineGlobally(BeamCombineFn(TopKCombiner(self.k))))
         table = merged | "ToTable" >> beam.Map(_topk_table,
                                                beam.pvalue.AsList(self.query_features))
         flag = merged | "KExceedsHalf" >> beam.Map(
