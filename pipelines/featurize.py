@@ -281,8 +281,7 @@ class ReadChecked(beam.PTransform):
         self.read, self.config, self.wait = read, config, wait
 
     def expand(self, pbegin):
-        return (pbegin | "Files" >> beam.Create(list(self.read.elements))
-                | "Spread" >> beam.Reshuffle()
+        return (self.read.spread(pbegin)
                 | "Read" >> beam.ParDo(_ReadCheckedDoFn(self.config, self.read.reader()),
                                        beam.pvalue.AsIter(self.wait)))
 
@@ -303,8 +302,7 @@ class ReadAndFeaturize(beam.PTransform):
         self.emit_blocks = emit_blocks
 
     def expand(self, pbegin):
-        res = (pbegin | "Files" >> beam.Create(list(self.read.elements))
-               | "Spread" >> beam.Reshuffle()
+        res = (self.read.spread(pbegin)
                | "Featurize" >> beam.ParDo(
                    _ReadFeaturizeDoFn(self.config, self.read.reader(), self.emit_blocks),
                    beam.pvalue.AsSingleton(self.artifact)

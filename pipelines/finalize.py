@@ -331,18 +331,21 @@ def _footer_rows(paths: List[str]) -> int:
 
 def finalize(facts, output: str, run_options: dict, max_bad_fraction: float, method: str,
              solver: Optional[str], k: Optional[int] = None, id_key: str = "",
-             run_id: Optional[str] = None, warnings: Optional[List[str]] = None) -> str:
-    """The job's last step: verify, write run_manifest.json, then _SUCCESS (or fail the job)."""
+             run_id: Optional[str] = None, warnings: Optional[List[str]] = None,
+             temp: Optional[str] = None, schemas: Optional[dict] = None) -> str:
+    """The job's last step: move the tables' parts into place (:func:`pipelines.write.commit`,
+    ``temp`` and ``schemas`` as given to ``WriteTables``), verify, write run_manifest.json,
+    then _SUCCESS (or fail the job)."""
     from influence_ops import artifacts
-    counts, rows, files, timings, ids, art = {}, {}, {}, {}, {}, None
+    counts, rows, parts, timings, ids, art = {}, {}, {}, {}, {}, None
     dead_summary, k_exceeds_half = None, False
     for kind, name, value in facts:
         if kind == "count":
             counts[name] = value
         elif kind == "rows":
             rows[name] = value
-        elif kind == "file":
-            files.setdefault(name, []).append(value)
+        elif kind == "part":
+            parts.setdefault(name, []).append(value[0])
         elif kind == "timing":
             timings[name] = value
         elif kind == "ids":
@@ -354,6 +357,10 @@ def finalize(facts, output: str, run_options: dict, max_bad_fraction: float, met
         else:
             art = value
     problems, warnings = [], list(warnings or [])
+    files = {}
+    if temp is not None:
+        from pipelines import write
+        files = write.commit(output, temp, parts, schemas or {})
     on_disk = {name: _footer_rows(files.get(name, [])) for name in rows}
     for name in rows:  # Beam issue 25041: trust the files, not the writer
         if on_disk[name] != rows[name]:

@@ -792,13 +792,16 @@ class ReadExamples(beam.PTransform):
         """What the reader is applied to: (path, source name) per file, or TFDS shards."""
         return self.shards if self.kind == "tfds" else self.files
 
+    def spread(self, pbegin):
+        """The source's elements as a PCollection, redistributed (a Reshuffle: the runner
+        would otherwise read every file in the worker that created the list) when there is
+        more than one; a lone file or shard skips the shuffle stage."""
+        elems = pbegin | "Files" >> beam.Create(list(self.elements))
+        return elems | "Spread" >> beam.Reshuffle() if len(self.elements) > 1 else elems
+
     def expand(self, pbegin):
-        if self.kind == "tfds":
-            elems = pbegin | "Shards" >> beam.Create(self.shards)
-        else:
-            elems = pbegin | "Files" >> beam.Create(self.files)
         reader = self.reader()
-        read = (elems | "Spread" >> beam.Reshuffle()
+        read = (self.spread(pbegin)
                 | "Read" >> beam.ParDo(reader).with_outputs(DEAD, main="blocks"))
         valid = read.blocks | "Validate" >> beam.ParDo(ValidateBlocks()).with_outputs(
             DEAD, main="blocks")

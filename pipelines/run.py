@@ -1,5 +1,6 @@
 """Builds and runs the influence job. The job finalises itself: its last step waits for every
-table to be written, reads the Parquet footers back, checks that every example is accounted
+table to be written (one ``WriteTables`` stage writes them all to ``_temp/``), moves the
+files into place, reads the Parquet footers back, checks that every example is accounted
 for, writes ``run_manifest.json`` and then ``_SUCCESS``. So the marker is written last on every
 runner, also when the launcher does not wait for the job (Dataflow flex templates).
 
@@ -16,6 +17,7 @@ Output layout under ``--output``::
     _SUCCESS             written last: a reader that sees it sees a whole result
     run_metrics.json     Beam metrics, written by a launcher that waited for the job
     _RUNNING             the claim of the run writing the output (removed when it ends)
+    _temp/               the tables' files while the job writes them (removed by the last step)
 
 Before the job starts, on the driver (:func:`run`): the options are validated, the model is
 loaded, the first examples of ``--train`` and ``--queries`` are read by the job's own readers
@@ -45,7 +47,7 @@ from apache_beam.options.pipeline_options import (PipelineOptions, SetupOptions,
                                                   StandardOptions)
 
 from influence_ops.config import ConfigError, InfluenceConfig
-from pipelines import featurize, fit, groups, score
+from pipelines import featurize, fit, groups, score, write
 from pipelines.constants import (ARTIFACT, CLAIM, MANIFEST, METRICS, NAMESPACE, SUCCESS,
                                  TABLES)
 from pipelines.finalize import (CheckIds, GatherFacts, RunError, _join, facts_dict, finalize,
@@ -82,6 +84,7 @@ def prepare_output(output: str, overwrite: bool) -> None:
     if FileSystems.exists(_join(output, SUCCESS)):
         FileSystems.delete([_join(output, SUCCESS)])
     FileSystems.delete([_join(output, t) for t in existing if t != SUCCESS])
+    write.remove_temp(output)
 
 
 # ------------------------------------------------------------------------------ the claim
@@ -307,21 +310,6 @@ def preflight(config: InfluenceConfig, imodel, reads: dict) -> List[str]:
     return warnings
 
 
-def _write(tables, output: str, name: str, schema=None):
-    """Writes a PCollection of pyarrow tables; returns the final file names (a PCollection)."""
-    return tables | f"Write_{name}" >> beam.io.parquetio.WriteToParquetBatched(
-        _join(output, name, "part"), schema=schema, file_name_suffix=".parquet")
-
-
-def _dead_table(rows):
-    import pyarrow as pa
-    from influence_ops import schemas
-    rows = sorted(rows)
-    return pa.table({"source": [r.source for r in rows], "example_id": [r.example_id for r in rows],
-                     "error": [r.error for r in rows], "stage": [r.stage for r in rows]},
-                    schema=schemas.DEAD_LETTER_SCHEMA)
-
-
 _GUARD_FACTS = [("ids", "train"), ("ids", "query"), ("count", "train_ok"),
                 ("dead_summary", "train")]
 
@@ -338,10 +326,6 @@ def _total(pcoll, label: str, size=len):
     """``sum(size(element))`` as a one-element PCollection (0 when empty)."""
     return (pcoll | f"Size{label}" >> beam.Map(size)
             | f"Sum{label}" >> beam.CombineGlobally(sum))
-
-
-def _rows(table):
-    return table.num_rows
 
 
 def build(p: beam.Pipeline, config: InfluenceConfig,
@@ -402,30 +386,29 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
                                               config.examples_top)
     topk, k_flag = scored.topk | "MergeTopK" >> score.MergeTopK(query_f, opts.k)
     tables = {"topk": topk, "self_influence": scored.self}
-    written = {"topk": _write(topk, out, "topk", schemas.TOPK_SCHEMA),
-               "self_influence": _write(scored.self, out, "self_influence",
-                                        schemas.self_schema(config.boundary_columns))}
+    # The Parquet schema of every table written (None: inferred from its first table).
+    table_schemas = {"topk": schemas.TOPK_SCHEMA,
+                     "self_influence": schemas.self_schema(config.boundary_columns)}
     if opts.examples_top or opts.sample_rows:
         from pipelines import examples as examples_lib
         for name, pc in examples_lib.example_tables(config, train, scored.candidates,
                                                     query_f).items():
             tables[name] = pc
-            written[name] = _write(pc, out, name, schemas.EXAMPLES_SCHEMA)
+            table_schemas[name] = schemas.EXAMPLES_SCHEMA
     if opts.write_pairwise:
         tables["pairwise"] = scored.pairwise
-        written["pairwise"] = _write(scored.pairwise, out, "pairwise", schemas.PAIRWISE_SCHEMA)
+        table_schemas["pairwise"] = schemas.PAIRWISE_SCHEMA
     if opts.write_features:
         feats = ((scored.features, query_f | "QueryFeatureTables" >> beam.Map(
             score.features_table, "query")) | "AllFeatures" >> beam.Flatten())
         # The fixed-size list width is only known at run time: pyarrow infers the schema.
         tables["features"] = feats
-        written["features"] = _write(feats, out, "features")
+        table_schemas["features"] = None
     if opts.group_key:
         if opts.group_order == 1:
             g_scores, g_self = train_f | "FirstOrderGroups" >> groups.FirstOrderGroups(query_f)
             tables["group_self"] = g_self
-            written["group_self"] = _write(g_self, out, "group_self",
-                                           schemas.GROUP_SELF_SCHEMA)
+            table_schemas["group_self"] = schemas.GROUP_SELF_SCHEMA
         elif opts.group_order == "newton":
             from pipelines.group_newton import NewtonGroups
             g_scores = train_again | "NewtonGroups" >> NewtonGroups(config, artifact, queries)
@@ -436,14 +419,13 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
             g_scores = train_again | "SecondOrderGroups" >> groups.SecondOrderGroups(
                 config, artifact, queries, n_train, reads["train"])
         tables["groups"] = g_scores
-        written["groups"] = _write(g_scores, out, "groups", schemas.GROUP_SCHEMA)
+        table_schemas["groups"] = schemas.GROUP_SCHEMA
     all_dead = ((dead_read_t, dead_read_q, dead_label_t, dead_label_q, dead_feat_t, dead_feat_q)
                 | "AllDead" >> beam.Flatten())
-    dead = (all_dead
-            | "DeadList" >> beam.combiners.ToList()
-            | "DeadTable" >> beam.Map(_dead_table))
-    tables["dead_letter"] = dead
-    written["dead_letter"] = _write(dead, out, "dead_letter", schemas.DEAD_LETTER_SCHEMA)
+    tables["dead_letter"] = all_dead | "DeadRows" >> beam.Map(lambda d: d._asdict())
+    table_schemas["dead_letter"] = schemas.DEAD_LETTER_SCHEMA
+    temp = write.temp_dir(out, run_id)
+    parts = tables | "WriteTables" >> write.WriteTables(temp, table_schemas)
 
     # Everything the last step needs, as ("kind", name, value) records in one list: gathering
     # them waits for every writer to finish (their outputs are the final file names).
@@ -455,9 +437,8 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
         facts.append(pc | f"Fact_{name}" >> beam.Map(
             lambda e, n=name, size=count_size.get(name, len): ("count", n, size(e))))
     for name, pc in tables.items():
-        facts.append(pc | f"FactRows_{name}" >> beam.Map(lambda t, n=name: ("rows", n, _rows(t))))
-    for name, pc in written.items():
-        facts.append(pc | f"FactFiles_{name}" >> beam.Map(lambda f, n=name: ("file", n, f)))
+        facts.append(pc | f"FactRows_{name}" >> beam.Map(lambda t, n=name: ("rows", n, write.rows(t))))
+    facts.append(parts)
     facts.append((time_tf, time_qf, scored.timing) | "AllTimings" >> beam.Flatten()
                  | "FactTimings" >> beam.Map(lambda kv: ("timing", kv[0], kv[1])))
     _ = (facts | "AllFacts" >> beam.Flatten()
@@ -466,7 +447,8 @@ def build(p: beam.Pipeline, config: InfluenceConfig,
              + [("ids", "train"), ("ids", "query"), ("dead_summary", "all")]))
          | "Finalize" >> beam.Map(finalize, out, dict(run_options or {}),
                                   opts.max_bad_fraction, opts.method, _solver_name(config),
-                                  opts.k, opts.id_key, run_id, list(warnings or [])))
+                                  opts.k, opts.id_key, run_id, list(warnings or []), temp,
+                                  table_schemas))
 
 
 def _solver_name(config: InfluenceConfig) -> Optional[str]:

@@ -62,8 +62,7 @@ GPU_FLAGS = [
     "--experiments=no_use_multiple_sdk_containers", f"--machine_type={MACHINE}",
 ]
 STAGE_LABELS = ("ReadTrain", "ReadQueries", "FitMethod", "FeaturizeTrain", "FeaturizeQueries",
-                "Score", "MergeTopK", "Write_topk", "Write_self_influence",
-                "Write_dead_letter")
+                "Score", "MergeTopK", "WriteTables", "Gather")
 FAKE_JOB_ID = "2030-01-01_00_00_00-1234567890"
 
 
