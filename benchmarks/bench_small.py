@@ -16,7 +16,10 @@ the target is its last layer (d = 330), exact influence with ``l2 = 1e-3``.
    ``--repeats``: ``python -c "import tensorflow, apache_beam, keras"`` and ``beam-influence``
    (``python -m pipelines.cli``) with the same model and data as ``.npz`` files, exact
    influence, top-k and self-influence written to Parquet on the default in-process runner.
-   Target (issue): CLI / imports <= 1.3.
+   Target (issue): CLI / imports <= 1.3. The CLI imports with Python's cyclic garbage
+   collector paused (``pipelines.cli``: its full passes over the growing heap are ~0.9 s of
+   the plain import), so a third command, the same imports with the collector paused
+   (``gc.disable()`` first), gives the stricter ratio: what the job itself adds to the start.
 
 Absolute times on a shared 2-core machine are noise; compare within one run. Always exits 0.
 
@@ -132,15 +135,18 @@ def _run(cmd):
 
 def time_cli(workdir, repeats):
     imports = [sys.executable, "-c", "import tensorflow, apache_beam, keras"]
+    paused = [sys.executable, "-c",
+              "import gc; gc.disable(); import tensorflow, apache_beam, keras"]
     cli = [sys.executable, "-m", "pipelines.cli", f"--model={workdir}/model.keras",
            f"--train=npz:{workdir}/train.npz", f"--queries=npz:{workdir}/queries.npz",
            f"--output={workdir}/out", "--overwrite", "--method=influence", "--solver=exact",
            f"--l2={L2}"]
-    t_imp, t_cli = [], []
+    t_imp, t_paused, t_cli = [], [], []
     for _ in range(repeats):
         t_imp.append(_run(imports))
+        t_paused.append(_run(paused))
         t_cli.append(_run(cli))
-    return float(np.median(t_imp)), float(np.median(t_cli))
+    return float(np.median(t_imp)), float(np.median(t_paused)), float(np.median(t_cli))
 
 
 def main(argv=None) -> int:
@@ -158,9 +164,10 @@ def main(argv=None) -> int:
               f"(library / reference, again: {again / ref:.1f}x); max relative difference "
               f"of the scores {err:.1e}")
         if not args.skip_cli:
-            imp, cli = time_cli(workdir, args.repeats)
+            imp, paused, cli = time_cli(workdir, args.repeats)
             print(f"CLI run {cli:.2f} s, imports alone {imp:.2f} s: ratio {cli / imp:.2f} "
-                  f"(target <= 1.3: {'PASS' if cli / imp <= 1.3 else 'MISS'})")
+                  f"(target <= 1.3: {'PASS' if cli / imp <= 1.3 else 'MISS'}); imports with "
+                  f"the collector paused {paused:.2f} s: ratio {cli / paused:.2f}")
     return 0
 
 

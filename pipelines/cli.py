@@ -11,14 +11,38 @@ redacts anything that looks like a credential.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import re
 import sys
 import traceback
 import zipfile
 
-from pipelines import run as run_lib
-from pipelines.redact import redact_text
+
+def _import_paused_gc():
+    """Imports the job (TensorFlow, Keras, Beam) with the cyclic garbage collector paused.
+
+    Those imports create ~500k objects that live as long as the process; while they are made,
+    the collector's full passes over the growing heap cost ~0.9 s of a ~5.5 s start (measured
+    with ``gc.callbacks``). Once imported they are frozen out of later collections
+    (``gc.freeze``), which keeps the job's own collections short too. Only when this import is
+    the one that loads TensorFlow (a CLI start, not a process that has it already)."""
+    fresh = "tensorflow" not in sys.modules
+    was_enabled = gc.isenabled()
+    if fresh:
+        gc.disable()
+    try:
+        from pipelines import run
+        return run
+    finally:
+        if fresh:
+            gc.freeze()
+            if was_enabled:
+                gc.enable()
+
+
+run_lib = _import_paused_gc()
+from pipelines.redact import redact_text  # noqa: E402
 
 log = logging.getLogger("beam-influence")
 PROG = "beam-influence"
