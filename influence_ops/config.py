@@ -278,7 +278,9 @@ class InfluenceConfig:
     batch_size: int = field(default=256, metadata=_opt(
         "output", "examples per TensorFlow call on workers", parse=int))
     tf_threads: int = field(default=0, metadata=_opt(
-        "output", "TensorFlow intra-op threads per worker process (0 = all cores)", parse=int))
+        "output", "TensorFlow intra-op threads per worker process (0 = all cores; "
+                  "with --direct_running_mode=multi_processing, the cores divided among the "
+                  "--direct_num_workers workers)", parse=int))
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)

@@ -9,9 +9,10 @@ generated from this parser (``python -m pipelines.options``), so the docs cannot
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from influence_ops.config import GROUPS, InfluenceConfig, option_fields, parse_flag
 
@@ -52,8 +53,15 @@ class InfluenceOptions(PipelineOptions):
 def job_config(options: PipelineOptions) -> InfluenceConfig:
     """The job's one :class:`InfluenceConfig` from its pipeline options (not yet validated)."""
     opts = options.view_as(InfluenceOptions)
-    return InfluenceConfig.from_mapping({f.name: getattr(opts, f.name)
-                                         for f, _ in option_fields()})
+    config = InfluenceConfig.from_mapping({f.name: getattr(opts, f.name)
+                                           for f, _ in option_fields()})
+    direct = options.view_as(DirectOptions)
+    if not config.tf_threads and direct.direct_running_mode == "multi_processing":
+        # Worker processes share the machine: each gets its part of the cores, not all of
+        # them (N TF pools of all cores each oversubscribe them N times).
+        workers = max(1, int(direct.direct_num_workers or 1))
+        config = config.replace(tf_threads=max(1, (os.cpu_count() or 1) // workers))
+    return config
 
 
 def options_markdown() -> str:

@@ -51,7 +51,19 @@ def test_tf_threads_in_effect_on_the_default_runner(inputs, threads):
 
 
 @pytest.mark.slow
-def test_tf_threads_in_effect_in_multi_processing_workers(inputs):
-    dist = _run_cli(inputs, "multi", "--tf_threads=1", "--direct_running_mode=multi_processing",
+def test_multi_processing_workers_share_the_cores_by_default(inputs):
+    """No --tf_threads: each of the 2 worker processes gets half the cores (the explicit
+    setting travels the same way, in the job's config)."""
+    dist = _run_cli(inputs, "multi", "--direct_running_mode=multi_processing",
                     "--direct_num_workers=2")
-    assert dist["min"] == dist["max"] == 1, dist
+    assert dist["min"] == dist["max"] == max(1, (os.cpu_count() or 1) // 2), dist
+
+
+def test_the_thread_default_divides_the_cores_among_worker_processes():
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from pipelines.options import job_config
+    base = ["--model=m.keras", "--train=npz:t.npz", "--output=o"]
+    mp = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    assert job_config(PipelineOptions(base)).tf_threads == 0  # one process: all cores
+    assert job_config(PipelineOptions(base + mp)).tf_threads == max(1, os.cpu_count() // 2)
+    assert job_config(PipelineOptions(base + mp + ["--tf_threads=3"])).tf_threads == 3
