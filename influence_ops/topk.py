@@ -50,11 +50,44 @@ string ids are only compared where scores tie exactly.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import pathlib
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-_DENSE = 0.4  # above this share of lists changing per block, find entries with a threshold pass
+_DENSE = 0.4  # above this share of lists changing per block, merge staged entries at once
+
+
+def _load_kernel():
+    """The compiled scan ``influence_ops/_topk_scan.c`` (built by setup.py when a C compiler is
+    there), or None: then everything runs on the numpy path, with the same results.
+
+    Loaded from the file next to this one when the relative import fails, so that a script
+    that loads topk.py by path (benchmarks/bench_topk.py: the package ``__init__`` imports
+    TensorFlow) gets it too. Returns ``(module or None, why it is missing)``.
+    """
+    try:
+        from . import _topk_scan
+        return _topk_scan, ""
+    except ImportError as e:
+        why = f"{type(e).__name__}: {e}"
+    here = pathlib.Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_topk_scan{suffix}"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("_topk_scan", path)
+            try:
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+                return mod, ""
+            except ImportError as e:
+                return None, f"{path.name}: {type(e).__name__}: {e}"
+    return None, f"{why}; no _topk_scan*.so in {here} (built by setup.py: needs a C compiler)"
+
+
+_kernel, _KERNEL_MISSING = _load_kernel()
 
 
 def _select(key: np.ndarray, code: np.ndarray, kk: int, names: Callable[[], np.ndarray]):
@@ -167,6 +200,24 @@ def _entries(S: np.ndarray, mask: np.ndarray, rows: Optional[np.ndarray] = None)
     return r, col, np.where(pro, -vals, vals)
 
 
+def _scan(S: np.ndarray, tkey: np.ndarray, nan: bool, expect: int):
+    """``_entries(S, _key_mask(S, None, tkey, nan))`` in one compiled pass over ``S`` (needs
+    the kernel), plus the number of stacked rows with an entry.
+
+    ``expect`` (a guess of the entry count) sizes the outputs; when more entries reach the
+    thresholds, the scan runs again with room for all of them.
+    """
+    if S.shape[1] > 1 and S.strides[1] != S.itemsize:
+        S = np.ascontiguousarray(S)  # the kernel needs each row contiguous
+    cap = int(expect)
+    while True:
+        r, col, ekey = np.empty(cap, np.intp), np.empty(cap, np.intp), np.empty(cap)
+        n, hit = _kernel.scan(S, tkey, nan, r, col, ekey)
+        if n <= cap:
+            return r[:n], col[:n], ekey[:n], hit
+        cap = n
+
+
 def _block_best(S: np.ndarray, ids: np.ndarray, kk: int):
     """The ``kk`` best of each list for one block on its own: stacked ``(keys, columns)``,
     ``(2m, kk)``.
@@ -190,10 +241,13 @@ def _block_best(S: np.ndarray, ids: np.ndarray, kk: int):
     for j in ladder:
         tkey = np.concatenate([-ss[:, c - j], ss[:, j - 1]])
         sub = None if todo.size == 2 * m else todo
-        mask = _key_mask(S, sub, tkey if sub is None else tkey[todo])
-        if j == kk:
-            mask[mask.sum(axis=1) < kk] = True  # NaN rows: the whole row
-        r, col, ekey = _entries(S, mask, sub)
+        if sub is None and j < kk and _kernel is not None:
+            r, col, ekey, _ = _scan(S, tkey, True, 2 * (2 * m * j * b // c) + 4096)
+        else:
+            mask = _key_mask(S, sub, tkey if sub is None else tkey[todo])
+            if j == kk:
+                mask[mask.sum(axis=1) < kk] = True  # NaN rows: the whole row
+            r, col, ekey = _entries(S, mask, sub)
         ok = np.bincount(r, minlength=todo.size) >= kk
         if not ok.all():
             e = ok[r]
@@ -228,6 +282,7 @@ class TopKAccumulator:
         self._owned = True  # False while key/code may be shared: copy before writing
         self._nan = False  # whether a NaN key may be in the lists
         self._hot = None  # share of lists the last block changed (only picks the faster path)
+        self._found = 0  # entries the last block let through (sizes the compiled scan's output)
         self._offsets = None  # flat offsets of the stacked rows in a block (cached)
         # Entries found in recent blocks, not merged into the lists yet: parts (stacked rows
         # ascending, keys, codes).
@@ -418,6 +473,17 @@ class TopKAccumulator:
         hot = self._hot
         if hot is None:  # unknown: what a block in random order would change
             hot = 1.0 - (n_before / (n_before + b)) ** k
+        if _kernel is not None:  # one compiled pass finds the entries, whatever the share
+            # Sized for ~twice what a block in random order lets through (k b / n_before per
+            # list) or the last block found; _scan runs again if more get through.
+            expect = max(2 * m * k * b // max(n_before, 1), self._found)
+            r, col, ekey, hit = _scan(S, t, self._nan, 2 * expect + 4096)
+            self._hot, self._found = hit / (2 * m), r.size
+            if r.size:
+                self._stage.append((r, ekey, col + self._add_names(ids)))
+                self._staged += r.size
+                self._flush(when_full=hot <= _DENSE)  # most lists change: merge at once
+            return
         if hot > _DENSE:  # most lists will change (first blocks): one threshold pass
             r, col, ekey = _entries(S, _key_mask(S, None, t, self._nan))
             self._hot = np.count_nonzero(np.bincount(r, minlength=2 * m)) / (2 * m)

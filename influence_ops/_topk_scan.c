@@ -1,0 +1,223 @@
+/* One-pass threshold scan for the streaming top-k (influence_ops/topk.py).
+ *
+ * scan(S, t, nan, row, col, key) -> (count, rows_hit)
+ *
+ * S is an (m, b) float64 block (rows may be strided; entries within a row contiguous), t the
+ * 2m stacked k-th best keys: proponent row i takes entries with S[i, j] >= -t[i] (key -S),
+ * opponent row m + i entries with S[i, j] <= t[m + i] (key S). With nan true, a row whose t is
+ * NaN takes every entry. The entries go to the preallocated 1-D outputs row (int64), col
+ * (int64), key (float64), stacked rows ascending (all proponent rows, then all opponent rows),
+ * columns ascending within a row: the set and order of
+ * topk._entries(S, topk._key_mask(S, None, t, nan)). `count` is the true number of entries; if
+ * it exceeds the outputs' length, only a part was written and the caller must call again with
+ * outputs of at least `count` entries. `rows_hit` counts the stacked rows with an entry.
+ *
+ * Why it exists: numpy needs two full passes (argmax and argmin) per block to know which rows
+ * can change, plus a compare pass per row while most do. This reads S once, testing both
+ * thresholds on chunks of 16 entries with OR-reduced vector compares, and rescans a chunk entry
+ * by entry only when it has a hit (rare once the lists are full). Proponent entries are written
+ * from the front of the outputs and opponent entries from the back, then moved behind them, so
+ * one pass yields the stacked order. The GIL is released during the scan.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CHUNK 16
+
+typedef double v4d __attribute__((vector_size(32), aligned(8)));
+typedef int64_t v4i __attribute__((vector_size(32)));
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+typedef struct {
+    int64_t *row, *col;
+    double *key;
+    Py_ssize_t cap, front, back; /* entries written from the front / from the back */
+} Out;
+
+/* Stores entry (r, c, k) at the front (proponents) or the back (opponents); counts it always,
+ * writes it only while the outputs have room. */
+static inline void put(Out *o, int front, int64_t r, int64_t c, double k)
+{
+    Py_ssize_t used = o->front + o->back;
+    if (used < o->cap) {
+        Py_ssize_t i = front ? o->front : o->cap - 1 - o->back;
+        o->row[i] = r;
+        o->col[i] = c;
+        o->key[i] = k;
+    }
+    if (front)
+        o->front++;
+    else
+        o->back++;
+}
+
+/* Whether any lane of a compare result is set (a macro: passing vectors by value warns about
+ * the psABI on targets without AVX). */
+#define ANY_LANE(x) ((((x)[0] | (x)[1]) | ((x)[2] | (x)[3])) != 0)
+
+MULTIVERSION
+static void scan_rows(const char *S, Py_ssize_t m, Py_ssize_t b, Py_ssize_t rs,
+                      const char *t, Py_ssize_t ts, int nan, Out *o, Py_ssize_t *rows_hit)
+{
+    Py_ssize_t hit = 0;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        const double *p = (const double *)(S + i * rs);
+        const double tp = *(const double *)(t + i * ts), to = *(const double *)(t + (m + i) * ts);
+        const int allp = nan && isnan(tp), allo = nan && isnan(to);
+        const double lo = -tp, hi = to; /* proponent: s >= lo; opponent: s <= hi */
+        const Py_ssize_t f0 = o->front, b0 = o->back;
+        const v4d vlo = {lo, lo, lo, lo}, vhi = {hi, hi, hi, hi};
+        Py_ssize_t j = 0;
+        for (; j + CHUNK <= b; j += CHUNK) {
+            int hp = allp, ho = allo;
+            if (!(hp && ho)) {
+                const v4d a0 = *(const v4d *)(p + j), a1 = *(const v4d *)(p + j + 4);
+                const v4d a2 = *(const v4d *)(p + j + 8), a3 = *(const v4d *)(p + j + 12);
+                const v4i gp = (a0 >= vlo) | (a1 >= vlo) | (a2 >= vlo) | (a3 >= vlo);
+                const v4i go = (a0 <= vhi) | (a1 <= vhi) | (a2 <= vhi) | (a3 <= vhi);
+                if (ANY_LANE(gp | go)) {
+                    hp |= ANY_LANE(gp);
+                    ho |= ANY_LANE(go);
+                }
+            }
+            if (hp)
+                for (Py_ssize_t u = j; u < j + CHUNK; u++)
+                    if (allp || p[u] >= lo)
+                        put(o, 1, i, u, -p[u]);
+            if (ho)
+                for (Py_ssize_t u = j; u < j + CHUNK; u++)
+                    if (allo || p[u] <= hi)
+                        put(o, 0, m + i, u, p[u]);
+        }
+        for (Py_ssize_t u = j; u < b; u++) { /* the last b % CHUNK entries */
+            if (allp || p[u] >= lo)
+                put(o, 1, i, u, -p[u]);
+            if (allo || p[u] <= hi)
+                put(o, 0, m + i, u, p[u]);
+        }
+        hit += (o->front > f0) + (o->back > b0);
+    }
+    *rows_hit = hit;
+}
+
+/* Reverses n entries starting at index s (the back region was filled last to first). */
+static void reverse(Out *o, Py_ssize_t s, Py_ssize_t n)
+{
+    for (Py_ssize_t a = s, z = s + n - 1; a < z; a++, z--) {
+        int64_t r = o->row[a], c = o->col[a];
+        double k = o->key[a];
+        o->row[a] = o->row[z], o->col[a] = o->col[z], o->key[a] = o->key[z];
+        o->row[z] = r, o->col[z] = c, o->key[z] = k;
+    }
+}
+
+static int get_buffer(PyObject *obj, Py_buffer *view, int flags, const char *what, int ndim,
+                      Py_ssize_t itemsize, const char *formats)
+{
+    if (PyObject_GetBuffer(obj, view, flags | PyBUF_FORMAT) < 0)
+        return -1;
+    const char *f = view->format ? view->format : "B";
+    if (f[0] == '=' || f[0] == '@' || f[0] == '<')
+        f++;
+    if (view->ndim != ndim || view->itemsize != itemsize || strlen(f) != 1 || !strchr(formats, f[0])) {
+        PyErr_Format(PyExc_ValueError, "_topk_scan.scan: %s must be a %d-D array of %s, got "
+                     "ndim=%d, format '%s'", what, ndim,
+                     formats[0] == 'd' ? "float64" : "int64", view->ndim, view->format);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "_topk_scan.scan(S, t, nan, row, col, key) takes 6 "
+                        "arguments");
+        return NULL;
+    }
+    int nan = PyObject_IsTrue(args[2]);
+    if (nan < 0)
+        return NULL;
+    Py_buffer vs, vt, vr, vc, vk;
+    PyObject *result = NULL;
+    if (get_buffer(args[0], &vs, PyBUF_STRIDES, "S", 2, 8, "d") < 0)
+        return NULL;
+    if (get_buffer(args[1], &vt, PyBUF_STRIDES, "t", 1, 8, "d") < 0)
+        goto release_s;
+    if (get_buffer(args[3], &vr, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "row", 1, 8, "lq") < 0)
+        goto release_t;
+    if (get_buffer(args[4], &vc, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "col", 1, 8, "lq") < 0)
+        goto release_r;
+    if (get_buffer(args[5], &vk, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "key", 1, 8, "d") < 0)
+        goto release_c;
+    const Py_ssize_t m = vs.shape[0], b = vs.shape[1];
+    if (b > 1 && vs.strides[1] != 8) {
+        PyErr_SetString(PyExc_ValueError, "_topk_scan.scan: the entries of a row of S must be "
+                        "contiguous (copy it with numpy.ascontiguousarray)");
+        goto release_k;
+    }
+    if (vt.shape[0] != 2 * m) {
+        PyErr_Format(PyExc_ValueError, "_topk_scan.scan: t must hold 2m = %zd keys, got %zd",
+                     2 * m, vt.shape[0]);
+        goto release_k;
+    }
+    Py_ssize_t cap = vr.shape[0];
+    if (vc.shape[0] < cap)
+        cap = vc.shape[0];
+    if (vk.shape[0] < cap)
+        cap = vk.shape[0];
+    Out o = {(int64_t *)vr.buf, (int64_t *)vc.buf, (double *)vk.buf, cap, 0, 0};
+    Py_ssize_t rows_hit = 0;
+    Py_BEGIN_ALLOW_THREADS
+    scan_rows((const char *)vs.buf, m, b, vs.strides[0], (const char *)vt.buf, vt.strides[0],
+              nan, &o, &rows_hit);
+    if (o.front + o.back <= cap && o.back > 0) {  /* opponents behind the proponents */
+        reverse(&o, cap - o.back, o.back);
+        if (cap - o.back != o.front) {
+            memmove(o.row + o.front, o.row + cap - o.back, o.back * sizeof(int64_t));
+            memmove(o.col + o.front, o.col + cap - o.back, o.back * sizeof(int64_t));
+            memmove(o.key + o.front, o.key + cap - o.back, o.back * sizeof(double));
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nn", o.front + o.back, rows_hit);
+release_k:
+    PyBuffer_Release(&vk);
+release_c:
+    PyBuffer_Release(&vc);
+release_r:
+    PyBuffer_Release(&vr);
+release_t:
+    PyBuffer_Release(&vt);
+release_s:
+    PyBuffer_Release(&vs);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
+     "scan(S, t, nan, row, col, key) -> (count, rows_hit): the entries of the (m, b) float64 "
+     "block S that reach the stacked thresholds t, in one pass (see influence_ops/topk.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_topk_scan",
+    "One-pass threshold scan of a score block for influence_ops.topk (optional; topk falls "
+    "back to numpy without it).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__topk_scan(void)
+{
+    return PyModule_Create(&module);
+}
