@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     n = args.n or (20_000 if args.quick else 100_000)
     topk = _load_topk()
     print(f"numpy {np.__version__}; BLAS: {_blas_info()}; cpus={os.cpu_count()}")
+    print("top-k scan: " + ("compiled (influence_ops/_topk_scan.c)" if topk._kernel is not None
+                            else f"numpy fallback ({topk._KERNEL_MISSING})"))
     bs = args.block
     n_blocks = max(1, n // bs)
     print(f"n_train={n_blocks * bs} in {n_blocks} blocks of {bs}, feature dim {DIM}, "

@@ -119,23 +119,48 @@ static void reverse(Out *o, Py_ssize_t s, Py_ssize_t n)
     }
 }
 
-static int get_buffer(PyObject *obj, Py_buffer *view, int flags, const char *what, int ndim,
-                      Py_ssize_t itemsize, const char *formats)
+/* Up to 6 buffers held by one call, released together. */
+typedef struct {
+    const char *fn;
+    Py_buffer v[6];
+    int n;
+} Buffers;
+
+static void release(Buffers *bs)
 {
-    if (PyObject_GetBuffer(obj, view, flags | PyBUF_FORMAT) < 0)
-        return -1;
-    const char *f = view->format ? view->format : "B";
-    if (f[0] == '=' || f[0] == '@' || f[0] == '<')
-        f++;
-    if (view->ndim != ndim || view->itemsize != itemsize || strlen(f) != 1 || !strchr(formats, f[0])) {
-        PyErr_Format(PyExc_ValueError, "_topk_scan.scan: %s must be a %d-D array of %s, got "
-                     "ndim=%d, format '%s'", what, ndim,
-                     formats[0] == 'd' ? "float64" : "int64", view->ndim, view->format);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
+    while (bs->n > 0)
+        PyBuffer_Release(&bs->v[--bs->n]);
 }
+
+/* Gets the next buffer: `ndim` dimensions of 8-byte items of one of the struct `formats`
+ * ("d": float64, "lq": int64, "?B": 1-byte flags). Returns NULL (exception set) otherwise. */
+static Py_buffer *get(Buffers *bs, PyObject *obj, int flags, const char *what, int ndim,
+                      const char *formats)
+{
+    Py_buffer *view = &bs->v[bs->n];
+    if (PyObject_GetBuffer(obj, view, flags | PyBUF_FORMAT) < 0)
+        return NULL;
+    bs->n++;
+    const char *f = view->format ? view->format : "B";
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (f[0] == '<')
+        f++;
+#endif
+    if (f[0] == '=' || f[0] == '@')
+        f++;
+    const Py_ssize_t itemsize = formats[0] == '?' ? 1 : 8;
+    if (view->ndim != ndim || view->itemsize != itemsize || strlen(f) != 1
+        || !strchr(formats, f[0])) {
+        PyErr_Format(PyExc_ValueError, "_topk_scan.%s: %s must be a %d-D array of %s, got "
+                     "ndim=%d, format '%s'", bs->fn, what, ndim,
+                     formats[0] == 'd' ? "float64" : formats[0] == '?' ? "bool" : "int64",
+                     view->ndim, view->format ? view->format : "B");
+        return NULL;
+    }
+    return view;
+}
+
+#define OUT (PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
 
 static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -148,40 +173,36 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int nan = PyObject_IsTrue(args[2]);
     if (nan < 0)
         return NULL;
-    Py_buffer vs, vt, vr, vc, vk;
-    PyObject *result = NULL;
-    if (get_buffer(args[0], &vs, PyBUF_STRIDES, "S", 2, 8, "d") < 0)
-        return NULL;
-    if (get_buffer(args[1], &vt, PyBUF_STRIDES, "t", 1, 8, "d") < 0)
-        goto release_s;
-    if (get_buffer(args[3], &vr, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "row", 1, 8, "lq") < 0)
-        goto release_t;
-    if (get_buffer(args[4], &vc, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "col", 1, 8, "lq") < 0)
-        goto release_r;
-    if (get_buffer(args[5], &vk, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS, "key", 1, 8, "d") < 0)
-        goto release_c;
-    const Py_ssize_t m = vs.shape[0], b = vs.shape[1];
-    if (b > 1 && vs.strides[1] != 8) {
+    Buffers bs = {.fn = "scan"};
+    Py_buffer *vs, *vt, *vr, *vc, *vk;
+    if (!(vs = get(&bs, args[0], PyBUF_STRIDES, "S", 2, "d"))
+        || !(vt = get(&bs, args[1], PyBUF_STRIDES, "t", 1, "d"))
+        || !(vr = get(&bs, args[3], OUT, "row", 1, "lq"))
+        || !(vc = get(&bs, args[4], OUT, "col", 1, "lq"))
+        || !(vk = get(&bs, args[5], OUT, "key", 1, "d")))
+        goto fail;
+    const Py_ssize_t m = vs->shape[0], b = vs->shape[1];
+    if (b > 1 && vs->strides[1] != 8) {
         PyErr_SetString(PyExc_ValueError, "_topk_scan.scan: the entries of a row of S must be "
                         "contiguous (copy it with numpy.ascontiguousarray)");
-        goto release_k;
+        goto fail;
     }
-    if (vt.shape[0] != 2 * m) {
+    if (vt->shape[0] != 2 * m) {
         PyErr_Format(PyExc_ValueError, "_topk_scan.scan: t must hold 2m = %zd keys, got %zd",
-                     2 * m, vt.shape[0]);
-        goto release_k;
+                     2 * m, vt->shape[0]);
+        goto fail;
     }
-    Py_ssize_t cap = vr.shape[0];
-    if (vc.shape[0] < cap)
-        cap = vc.shape[0];
-    if (vk.shape[0] < cap)
-        cap = vk.shape[0];
-    Out o = {(int64_t *)vr.buf, (int64_t *)vc.buf, (double *)vk.buf, cap, 0, 0};
+    Py_ssize_t cap = vr->shape[0];
+    if (vc->shape[0] < cap)
+        cap = vc->shape[0];
+    if (vk->shape[0] < cap)
+        cap = vk->shape[0];
+    Out o = {(int64_t *)vr->buf, (int64_t *)vc->buf, (double *)vk->buf, cap, 0, 0};
     Py_ssize_t rows_hit = 0;
     Py_BEGIN_ALLOW_THREADS
-    scan_rows((const char *)vs.buf, m, b, vs.strides[0], (const char *)vt.buf, vt.strides[0],
-              nan, &o, &rows_hit);
-    if (o.front + o.back <= cap && o.back > 0) {  /* opponents behind the proponents */
+    scan_rows((const char *)vs->buf, m, b, vs->strides[0], (const char *)vt->buf,
+              vt->strides[0], nan, &o, &rows_hit);
+    if (o.front + o.back <= cap && o.back > 0) { /* opponents behind the proponents */
         reverse(&o, cap - o.back, o.back);
         if (cap - o.back != o.front) {
             memmove(o.row + o.front, o.row + cap - o.back, o.back * sizeof(int64_t));
@@ -190,24 +211,126 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     Py_END_ALLOW_THREADS
-    result = Py_BuildValue("nn", o.front + o.back, rows_hit);
-release_k:
-    PyBuffer_Release(&vk);
-release_c:
-    PyBuffer_Release(&vc);
-release_r:
-    PyBuffer_Release(&vr);
-release_t:
-    PyBuffer_Release(&vt);
-release_s:
-    PyBuffer_Release(&vs);
-    return result;
+    release(&bs);
+    return Py_BuildValue("nn", o.front + o.back, rows_hit);
+fail:
+    release(&bs);
+    return NULL;
+}
+
+/* merge(key, code, row, ekey, ecode, tied) -> number of tied lists
+ *
+ * Merges new entries (row, ekey, ecode; rows in any order) into the full lists key/code
+ * (n, k), sorted by (key, id), in place: each list keeps its k best. An entry enters when its
+ * key is below the k-th; the last entry falls off, and cannot come back, since later entries
+ * enter only below the k-th. Entries of the lists keep their order, so ties already decided by
+ * id stay decided. What the floats cannot decide is left to the caller's id-aware merge
+ * (topk._best): a list where a new entry's key equals a key in it, or whose k-th key is NaN (NaN
+ * ranks after numbers, by id), is left as it was and flagged in `tied` (n bools, all false on
+ * entry). Every list written here is what _best gives. Touched lists are worked on in a scratch
+ * copy so that a list flagged half way is still the caller's original. */
+static PyObject *merge(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "_topk_scan.merge(key, code, row, ekey, ecode, tied) "
+                        "takes 6 arguments");
+        return NULL;
+    }
+    Buffers bs = {.fn = "merge"};
+    Py_buffer *vk, *vc, *vr, *vek, *vec, *vt;
+    if (!(vk = get(&bs, args[0], OUT, "key", 2, "d"))
+        || !(vc = get(&bs, args[1], OUT, "code", 2, "lq"))
+        || !(vr = get(&bs, args[2], PyBUF_C_CONTIGUOUS, "row", 1, "lq"))
+        || !(vek = get(&bs, args[3], PyBUF_C_CONTIGUOUS, "ekey", 1, "d"))
+        || !(vec = get(&bs, args[4], PyBUF_C_CONTIGUOUS, "ecode", 1, "lq"))
+        || !(vt = get(&bs, args[5], OUT, "tied", 1, "?B")))
+        goto fail;
+    const Py_ssize_t n = vk->shape[0], k = vk->shape[1], ne = vr->shape[0];
+    if (vc->shape[0] != n || vc->shape[1] != k || vt->shape[0] != n || k < 1
+        || vek->shape[0] != ne || vec->shape[0] != ne) {
+        PyErr_SetString(PyExc_ValueError, "_topk_scan.merge: key and code must be (n, k >= 1), "
+                        "tied (n,), row, ekey and ecode of one length");
+        goto fail;
+    }
+    double *key = vk->buf;
+    int64_t *code = vc->buf;
+    const int64_t *row = vr->buf, *ecode = vec->buf;
+    const double *ekey = vek->buf;
+    char *tied = vt->buf;
+    for (Py_ssize_t e = 0; e < ne; e++)
+        if (row[e] < 0 || row[e] >= n) {
+            PyErr_Format(PyExc_IndexError, "_topk_scan.merge: row %lld out of range for %zd "
+                         "lists", (long long)row[e], n);
+            goto fail;
+        }
+    const Py_ssize_t rows = ne < n ? ne : n; /* at most this many lists are touched */
+    double *sk = PyMem_RawMalloc(sizeof(double) * k * rows + 1);
+    int64_t *sc = PyMem_RawMalloc(sizeof(int64_t) * k * rows + 1);
+    int64_t *order = PyMem_RawMalloc(sizeof(int64_t) * rows + 1); /* list of each scratch row */
+    int64_t *slot = PyMem_RawMalloc(sizeof(int64_t) * n + 1);     /* scratch row of a list */
+    if (!sk || !sc || !slot || !order) {
+        PyMem_RawFree(sk), PyMem_RawFree(sc), PyMem_RawFree(slot), PyMem_RawFree(order);
+        PyErr_NoMemory();
+        goto fail;
+    }
+    Py_ssize_t n_tied = 0, used = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        slot[i] = -1;
+    for (Py_ssize_t e = 0; e < ne; e++) {
+        const int64_t i = row[e];
+        const double x = ekey[e];
+        if (slot[i] < 0) { /* the list's first entry: copy the list to scratch */
+            slot[i] = used;
+            order[used] = i;
+            memcpy(sk + used * k, key + i * k, sizeof(double) * k);
+            memcpy(sc + used * k, code + i * k, sizeof(int64_t) * k);
+            tied[i] = isnan(key[i * k + k - 1]); /* NaN sorts last: any NaN shows here */
+            used++;
+        }
+        double *bk = sk + slot[i] * k;
+        int64_t *bc = sc + slot[i] * k;
+        if (tied[i] || !(x <= bk[k - 1])) /* decided by ids later, or does not enter */
+            continue;
+        Py_ssize_t p = k - 1;
+        while (p > 0 && bk[p - 1] > x)
+            p--;
+        if (x == bk[k - 1] || (p > 0 && bk[p - 1] == x)) {
+            tied[i] = 1;
+            continue;
+        }
+        memmove(bk + p + 1, bk + p, sizeof(double) * (k - 1 - p));
+        memmove(bc + p + 1, bc + p, sizeof(int64_t) * (k - 1 - p));
+        bk[p] = x;
+        bc[p] = ecode[e];
+    }
+    for (Py_ssize_t s = 0; s < used; s++) {
+        const int64_t i = order[s];
+        if (tied[i]) {
+            n_tied++;
+            continue;
+        }
+        memcpy(key + i * k, sk + s * k, sizeof(double) * k);
+        memcpy(code + i * k, sc + s * k, sizeof(int64_t) * k);
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(sk), PyMem_RawFree(sc), PyMem_RawFree(slot), PyMem_RawFree(order);
+    release(&bs);
+    return PyLong_FromSsize_t(n_tied);
+fail:
+    release(&bs);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(S, t, nan, row, col, key) -> (count, rows_hit): the entries of the (m, b) float64 "
      "block S that reach the stacked thresholds t, in one pass (see influence_ops/topk.py)."},
+    {"merge", (PyCFunction)(void (*)(void))merge, METH_FASTCALL,
+     "merge(key, code, row, ekey, ecode, tied) -> n_tied: new entries into the full sorted "
+     "lists, in place; lists that need the ids to break a tie are left as they were and "
+     "flagged in tied."},
     {NULL, NULL, 0, NULL},
 };
 

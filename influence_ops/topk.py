@@ -530,28 +530,46 @@ class TopKAccumulator:
             r, ekey, code = parts[0]
         else:
             r, ekey, code = (np.concatenate(x) for x in zip(*parts))
-            o = np.argsort(r, kind="stable")
-            r, ekey, code = r[o], ekey[o], code[o]
-        k = self.k
-        # A row with a single entry: insert it (unless it ties).
-        counts = np.bincount(r, minlength=self._key.shape[0])
-        one = counts[r] == 1
-        if one.any():
-            rows = r[one]
-            key, new, write, tied = _insert(self._key[rows], self._code[rows], ekey[one],
-                                            code[one])
-            self._write(rows[write], key[write], new[write])
-            one[np.flatnonzero(one)[tied]] = False
-            r, ekey, code = r[~one], ekey[~one], code[~one]
+        if _kernel is not None:
+            # Compiled: every list the floats decide, in place; the others below, by id.
+            r, ekey, code = self._merge_compiled(r, ekey, code)
+        else:
+            if len(parts) > 1:
+                o = np.argsort(r, kind="stable")
+                r, ekey, code = r[o], ekey[o], code[o]
+            # A row with a single entry: insert it (unless it ties).
+            one = np.bincount(r, minlength=self._key.shape[0])[r] == 1
+            if one.any():
+                rows = r[one]
+                key, new, write, tied = _insert(self._key[rows], self._code[rows], ekey[one],
+                                                code[one])
+                self._write(rows[write], key[write], new[write])
+                one[np.flatnonzero(one)[tied]] = False
+                r, ekey, code = r[~one], ekey[~one], code[~one]
         if r.size:
             act = np.zeros(self._key.shape[0], dtype=bool)
             act[r] = True
             rows = np.flatnonzero(act)
             key, new = _best(self._key[rows], self._code[rows], (np.cumsum(act) - 1)[r], code,
-                             ekey, k, self._table)
+                             ekey, self.k, self._table)
             self._write(rows, key, new)
         if self._n_names > 4 * self._code.size + 4096:
             self._compact()
+
+    def _merge_compiled(self, r, ekey, code):
+        """Merges entries ``(r, ekey, code)`` (rows in any order) into the lists with the
+        compiled merge; returns the entries of the lists it leaves to ``_best`` (exact ties with
+        a new key, NaN), rows ascending."""
+        if not (self._owned and self._key.flags.c_contiguous and self._code.flags.c_contiguous):
+            self._key, self._code = np.array(self._key, order="C"), np.array(self._code, order="C")
+            self._owned = True
+        tied = np.zeros(self._key.shape[0], dtype=bool)
+        if _kernel.merge(self._key, self._code, r, ekey, code, tied) == 0:
+            return r[:0], ekey[:0], code[:0]
+        e = tied[r]
+        r, ekey, code = r[e], ekey[e], code[e]
+        o = np.argsort(r, kind="stable")
+        return r[o], ekey[o], code[o]
 
     def _merge_lists(self, okey, ocode):
         """Merges stacked sorted lists ``okey``/``ocode`` (codes in our table) into ours."""
