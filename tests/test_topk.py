@@ -429,3 +429,39 @@ def test_compiled_scan_rejects_wrong_arrays(scan_path):
         topk._kernel.scan(S, t, True, out[0].astype(np.int32), out[1], out[2])
     with pytest.raises(TypeError, match="6 arguments"):
         topk._kernel.scan(S, t)
+
+
+def test_flush_equals_best_on_all_candidates():
+    """A merge of staged entries (compiled: in place, then _best on the lists it leaves; numpy:
+    insertions, then _best) equals _best on each list's candidates at once: lists holding ties
+    decided by id, NaN and infinite keys, new entries that tie with the lists and with each
+    other, rows in any order."""
+    rng = np.random.default_rng(5)
+    names = np.array([f"n{i:05d}" for i in rng.permutation(20000)])
+    for trial in range(40):
+        n, k = int(rng.integers(1, 30)), int(rng.integers(1, 12))
+        pool = np.round(rng.normal(size=(n, 3 * k)), int(rng.integers(0, 3)))
+        pool[rng.random(pool.shape) < 0.03] = np.inf
+        pool[rng.random(pool.shape) < 0.03] = -np.inf
+        if trial % 4 == 0:
+            pool[rng.random(pool.shape) < 0.2] = np.nan
+        codes = rng.permutation(names.size)[:pool.size].reshape(pool.shape)
+        base_key, base_code = topk._best(
+            np.empty((n, 0)), np.empty((n, 0), dtype=np.int64), np.repeat(np.arange(n), 2 * k),
+            codes[:, :2 * k].ravel(), pool[:, :2 * k].ravel(), k, lambda: names)
+        ne = int(rng.integers(0, 3 * n))
+        r = rng.integers(0, n, ne)
+        ecode = rng.permutation(np.setdiff1d(np.arange(names.size), codes))[:ne]
+        ekey = np.where(rng.random(ne) < 0.5, pool[r, rng.integers(0, 3 * k, ne)],  # ties
+                        np.round(rng.normal(size=ne), 1))
+        o = np.argsort(r, kind="stable")
+        want_key, want_code = topk._best(base_key, base_code, r[o], ecode[o], ekey[o], k,
+                                         lambda: names)
+        acc = TopKAccumulator(k, n)
+        acc._key, acc._code = base_key.copy(), base_code.copy()
+        acc._add_names(names)
+        acc._stage, acc._staged = [(r[:ne // 2], ekey[:ne // 2], ecode[:ne // 2]),
+                                   (r[ne // 2:], ekey[ne // 2:], ecode[ne // 2:])], ne
+        acc._flush()
+        np.testing.assert_array_equal(bits(acc._key), bits(want_key))
+        np.testing.assert_array_equal(acc._table()[acc._code], names[want_code])
