@@ -88,6 +88,23 @@ static void scan_rows(const char *S, Py_ssize_t m, Py_ssize_t b, Py_ssize_t rs,
                     ho |= ANY_LANE(go);
                 }
             }
+            if ((hp || ho) && o->front + o->back + 2 * CHUNK <= o->cap) {
+                /* Room for the whole chunk on both sides: write every entry, advance past the
+                 * hits only (no branch to mispredict when half the entries hit). */
+                Py_ssize_t f = o->front, z = o->cap - 1 - o->back;
+                if (hp)
+                    for (Py_ssize_t u = j; u < j + CHUNK; u++) {
+                        o->row[f] = i, o->col[f] = u, o->key[f] = -p[u];
+                        f += allp | (p[u] >= lo);
+                    }
+                if (ho)
+                    for (Py_ssize_t u = j; u < j + CHUNK; u++) {
+                        o->row[z] = m + i, o->col[z] = u, o->key[z] = p[u];
+                        z -= allo | (p[u] <= hi);
+                    }
+                o->front = f, o->back = o->cap - 1 - z;
+                continue;
+            }
             if (hp)
                 for (Py_ssize_t u = j; u < j + CHUNK; u++)
                     if (allp || p[u] >= lo)
