@@ -241,20 +241,30 @@ def _block_best(S: np.ndarray, ids: np.ndarray, kk: int):
     for j in ladder:
         tkey = np.concatenate([-ss[:, c - j], ss[:, j - 1]])
         sub = None if todo.size == 2 * m else todo
+        done = None
         if sub is None and j < kk and _kernel is not None:
             r, col, ekey, _ = _scan(S, tkey, True, 2 * (2 * m * j * b // c) + 4096)
+            # Compiled merge into lists of placeholders (key +inf, code -1): every list that
+            # the floats decide; a placeholder left means fewer than kk numbers got through.
+            key, code = np.full((2 * m, kk), np.inf), np.full((2 * m, kk), -1, dtype=np.int64)
+            tied = np.zeros(2 * m, dtype=bool)
+            _kernel.merge(key, code, r, ekey, col, tied)
+            done = ~tied & (code[:, -1] >= 0)
+            out_key[done], out_col[done] = key[done], code[done]
         else:
             mask = _key_mask(S, sub, tkey if sub is None else tkey[todo])
             if j == kk:
                 mask[mask.sum(axis=1) < kk] = True  # NaN rows: the whole row
             r, col, ekey = _entries(S, mask, sub)
         ok = np.bincount(r, minlength=todo.size) >= kk
-        if not ok.all():
-            e = ok[r]
-            r, col, ekey = (np.cumsum(ok) - 1)[r[e]], col[e], ekey[e]
-        rows = todo[ok]
-        out_key[rows], out_col[rows] = _best(none_key[:rows.size], none_code[:rows.size], r,
-                                             col, ekey, kk, names)
+        rest = ok if done is None else ok & ~done  # rows for _best
+        if not rest.all():
+            e = rest[r]
+            r, col, ekey = (np.cumsum(rest) - 1)[r[e]], col[e], ekey[e]
+        rows = todo[rest]
+        if rows.size:
+            out_key[rows], out_col[rows] = _best(none_key[:rows.size], none_code[:rows.size],
+                                                 r, col, ekey, kk, names)
         todo = todo[~ok]
         if todo.size == 0:
             break
