@@ -25,6 +25,7 @@ anything on a shared machine; the script always exits 0.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_topk.py            # n = 100,000
     PYTHONPATH=. .venv/bin/python benchmarks/bench_topk.py --quick    # n = 20,000
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_topk.py --numpy    # without the compiled scan
 """
 
 from __future__ import annotations
@@ -181,12 +182,19 @@ def main(argv=None) -> int:
     ap.add_argument("--legacy-blocks", type=int, default=8,
                     help="blocks for the legacy reference at m = 100 (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--numpy", action="store_true",
+                    help="the top-k's numpy path even where the compiled scan is built (what an "
+                         "install without a C compiler runs)")
     args = ap.parse_args(argv)
     n = args.n or (20_000 if args.quick else 100_000)
     topk = _load_topk()
+    if args.numpy:
+        topk._kernel = None
     print(f"numpy {np.__version__}; BLAS: {_blas_info()}; cpus={os.cpu_count()}")
-    print("top-k scan: " + ("compiled (influence_ops/_topk_scan.c)" if topk._kernel is not None
-                            else f"numpy fallback ({topk._KERNEL_MISSING})"))
+    print("top-k: " + ("compiled scan and merge (influence_ops/_topk_scan.c)"
+                       if topk._kernel is not None else
+                       "numpy path (--numpy)" if args.numpy else
+                       f"numpy path, the compiled scan is missing: {topk._KERNEL_MISSING}"))
     bs = args.block
     n_blocks = max(1, n // bs)
     print(f"n_train={n_blocks * bs} in {n_blocks} blocks of {bs}, feature dim {DIM}, "

@@ -26,16 +26,24 @@ string ids are only compared where scores tie exactly.
   *codes* into a table of ids, so a step on both lists is one numpy call and entries move as
   numbers. The table is a list of the blocks' id arrays, concatenated only when strings are
   needed (exact ties, ``extract``, pickling) and compacted to the live ids now and then.
-* Adding a block to full lists is one ``argmax`` and one ``argmin`` pass over it (numpy's
-  fastest full passes). A list whose k-th best beats the block's best for that query is left
-  alone; after the first blocks almost all are. The rows of the others are compared with the
-  k-th best and their entries are staged; staged entries are merged into the lists a batch at a
-  time (once there are as many as lists, at least 256), which spreads the fixed cost of a merge
-  over blocks. The k-th best used meanwhile may be a little stale, which only lets a few more
-  entries through. While most lists still change (the first blocks), one threshold pass finds
-  the entries instead, and they are merged at once.
-* A merge sorts the float keys; a row with a single new entry is an insertion. Rows whose first
-  ``k + 1`` keys are not all distinct (or NaN) are re-sorted with the string ids.
+* **Compiled path** (``_topk_scan.c``, built by setup.py when a C compiler is there; without
+  one, or if it fails to load, the numpy path below runs, with identical results). Adding a
+  block to full lists is one read of it: a vectorised compare of every entry with both of its
+  query's k-th best keys, which returns the entries that can enter (``_scan``). They are
+  staged and merged into the lists by insertion, in C, in place (``_merge_compiled``); only a
+  list where a new key exactly equals one of its keys, or that holds NaN, goes to the id-aware
+  merge below. Staged entries are merged a batch at a time (once there are as many as lists, at
+  least 256), or at once while most lists still change (the first blocks).
+* **numpy path.** Adding a block to full lists is one ``argmax`` and one ``argmin`` pass over
+  it (numpy's fastest full passes). A list whose k-th best beats the block's best for that
+  query is left alone; after the first blocks almost all are. The rows of the others are
+  compared with the k-th best and their entries are staged; staged entries are merged into the
+  lists a batch at a time, which spreads the fixed cost of a merge over blocks. The k-th best
+  used meanwhile may be a little stale, which only lets a few more entries through. While most
+  lists still change (the first blocks), one threshold pass finds the entries instead, and they
+  are merged at once.
+* A numpy merge sorts the float keys; a row with a single new entry is an insertion. Rows whose
+  first ``k + 1`` keys are not all distinct (or NaN) are re-sorted with the string ids.
 * Merging two accumulators touches only ``(2m, 2k)`` arrays, and skips lists where the other's
   best is worse than this one's k-th best.
 * The first block ``add``-ed to an empty accumulator is kept **by reference**, not looked at,
@@ -57,7 +65,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-_DENSE = 0.4  # above this share of lists changing per block, merge staged entries at once
+_DENSE = 0.4  # above this share of lists changing per block: merge at once (numpy: threshold pass)
 
 
 def _load_kernel():

@@ -351,8 +351,9 @@ def test_long_stream_with_nan_rows_compacts_ids():
             np.testing.assert_array_equal(r[f"{side}_ids"], ref_i)
 
 
-def test_benchmark_smoke_run(capsys):
-    """benchmarks/bench_topk.py still runs (tiny sizes; timings belong to the benchmark)."""
+def test_benchmark_smoke_run(capsys, scan_path):
+    """benchmarks/bench_topk.py still runs (tiny sizes; timings belong to the benchmark), and
+    its copy of topk.py, loaded by path, finds the compiled scan too."""
     import importlib.util
     import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -360,10 +361,11 @@ def test_benchmark_smoke_run(capsys):
     spec = importlib.util.spec_from_file_location("bench_topk_smoke", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--n", "3072", "--m", "100", "7", "--repeats", "1",
-                       "--legacy-blocks", "2"]) == 0
+    assert bench.main(["--n", "3072", "--m", "100", "7", "--repeats", "1", "--legacy-blocks",
+                       "2"] + (["--numpy"] if scan_path == "numpy" else [])) == 0
     out = capsys.readouterr().out
     assert out.count("all variants give identical results: yes") == 2 and "legacy" in out
+    assert ("top-k: compiled scan" if scan_path == "compiled" else "top-k: numpy path") in out
 
 
 # --- the compiled scan itself -----------------------------------------------------------------
