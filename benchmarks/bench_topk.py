@@ -12,6 +12,8 @@ one of these top-k variants (k = 10 by default):
              (what CombineGlobally(...).with_fanout(16) does inside one bundle). Information only.
   eager      like pipeline, but every per-block partial is compacted (fully ranked on its own)
              before it is merged, as when partials are pickled between workers. Information only.
+  numpy      like pipeline, on the numpy path of topk.py (what installs without a C compiler
+             run), in the same round-robin; only when the compiled scan is there. Information.
   legacy     the implementation before this change (np.unique over the ids + lexsort per block),
              copied below; at m = 100 only, on --legacy-blocks blocks, because it is slow.
 
@@ -131,6 +133,12 @@ def gemm_only(Q, blocks) -> float:
 
 def run_variant(name, topk, Q, blocks, ids, k):
     """Returns (wall time of the whole loop, GEMM time inside it, result)."""
+    if name == "numpy":  # pipeline without the compiled scan
+        kernel, topk._kernel = topk._kernel, None
+        try:
+            return run_variant("pipeline", topk, Q, blocks, ids, k)
+        finally:
+            topk._kernel = kernel
     m = Q.shape[0]
     clock = time.perf_counter
     t_gemm = 0.0
@@ -206,6 +214,7 @@ def main(argv=None) -> int:
     ids = [np.char.add("ex", np.char.zfill(perm[i * bs:(i + 1) * bs].astype(str), 7))
            for i in range(n_blocks)]
     info = [v for v in args.info.split(",") if v]
+    rounds = TARGETS + (("numpy",) if topk._kernel is not None else ())
     header = (f"{'m':>6} {'variant':>9} {'t_gemm_alone':>12} {'t_variant':>10} "
               f"{'fraction':>8} {'in-loop':>8}  target")
     print(header)
@@ -213,10 +222,10 @@ def main(argv=None) -> int:
     for m in args.m:
         Q = rng.standard_normal((m, DIM))
         gemm_only(Q, blocks[: min(4, n_blocks)])  # warm up BLAS threads and the allocator
-        t_g, t_v, t_in, results = [], {v: [] for v in TARGETS}, {v: [] for v in TARGETS}, {}
+        t_g, t_v, t_in, results = [], {v: [] for v in rounds}, {v: [] for v in rounds}, {}
         for _ in range(max(1, args.repeats)):
             t_g.append(gemm_only(Q, blocks))
-            for v in TARGETS:
+            for v in rounds:
                 wall, g, results[v] = run_variant(v, topk, Q, blocks, ids, args.k)
                 t_v[v].append(wall)
                 t_in[v].append(g / wall)
@@ -224,7 +233,7 @@ def main(argv=None) -> int:
             wall, g, results[v] = run_variant(v, topk, Q, blocks, ids, args.k)
             t_v[v], t_in[v] = [wall], [g / wall]
         g_med = float(np.median(t_g))
-        for v in list(TARGETS) + info:
+        for v in list(rounds) + info:
             frac = g_med / float(np.median(t_v[v]))
             target = ("PASS" if frac >= 0.5 else "MISS") if v in TARGETS else "info"
             print(f"{m:>6} {v:>9} {g_med:>12.3f} {np.median(t_v[v]):>10.3f} {frac:>8.2f} "
