@@ -571,7 +571,9 @@ class TopKAccumulator:
             key, new = _best(self._key[rows], self._code[rows], (np.cumsum(act) - 1)[r], code,
                              ekey, self.k, self._table)
             self._write(rows, key, new)
-        if self._n_names > 4 * self._code.size + 4096:
+        # Compacting gathers the id strings (~0.3 ms at m = 100, ~20% of the top-k there when
+        # it ran every ~24 blocks); the table may hold ~40k dead ids (~1.5 MB for 9-char ids).
+        if self._n_names > 4 * self._code.size + 32768:
             self._compact()
 
     def _merge_compiled(self, r, ekey, code):
