@@ -1,4 +1,6 @@
-/* One-pass threshold scan for the streaming top-k (influence_ops/topk.py).
+/* The streaming top-k's per-block work in C (influence_ops/topk.py; optional: topk.py falls
+ * back to numpy, with identical results, when this is not built): a one-pass threshold scan of
+ * a score block, and an in-place merge of new entries into the sorted lists (merge, below).
  *
  * scan(S, t, nan, row, col, key) -> (count, rows_hit)
  *
@@ -21,6 +23,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#ifdef __FAST_MATH__
+#error "_topk_scan.c needs IEEE compares (NaN never passes a threshold): no -ffast-math"
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
