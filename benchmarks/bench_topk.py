@@ -12,6 +12,8 @@ one of these top-k variants (k = 10 by default):
              (what CombineGlobally(...).with_fanout(16) does inside one bundle). Information only.
   eager      like pipeline, but every per-block partial is compacted (fully ranked on its own)
              before it is merged, as when partials are pickled between workers. Information only.
+  numpy      like pipeline, on the numpy path of topk.py (what installs without a C compiler
+             run), in the same round-robin; only when the compiled scan is there. Information.
   legacy     the implementation before this change (np.unique over the ids + lexsort per block),
              copied below; at m = 100 only, on --legacy-blocks blocks, because it is slow.
 
@@ -20,11 +22,14 @@ The target: score + top-k keeps at least half the GEMM rate, i.e.
 GEMMs with nothing else and ``t_variant`` the whole loop of the variant (GEMMs included). GEMM
 loops and variants run round-robin ``--repeats`` times and the fraction uses the medians. The
 table also shows ``in-loop``: the GEMM share of the variant's own loop, timed around each call,
-which is less exposed to the load of other processes. Only ratios from one process mean
-anything on a shared machine; the script always exits 0.
+which is less exposed to the load of other processes, and ``top-k CPU``: the seconds of CPU
+this thread spent in the variant outside its GEMMs (the top-k's own work; CPU time hardly
+changes with other processes' load, unlike the two-thread GEMM's wall time). Only ratios from
+one process mean anything on a shared machine; the script always exits 0.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_topk.py            # n = 100,000
     PYTHONPATH=. .venv/bin/python benchmarks/bench_topk.py --quick    # n = 20,000
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_topk.py --numpy    # without the compiled scan
 """
 
 from __future__ import annotations
@@ -129,11 +134,18 @@ def gemm_only(Q, blocks) -> float:
 
 
 def run_variant(name, topk, Q, blocks, ids, k):
-    """Returns (wall time of the whole loop, GEMM time inside it, result)."""
+    """Returns (wall time of the whole loop, GEMM time inside it, CPU time of this thread
+    outside the GEMMs (the top-k's own work), result)."""
+    if name == "numpy":  # pipeline without the compiled scan
+        kernel, topk._kernel = topk._kernel, None
+        try:
+            return run_variant("pipeline", topk, Q, blocks, ids, k)
+        finally:
+            topk._kernel = kernel
     m = Q.shape[0]
     clock = time.perf_counter
     t_gemm = 0.0
-    start = clock()
+    start, cpu = clock(), time.thread_time()
     if name in ("pipeline", "eager", "fanout16"):
         comb = topk.TopKCombiner(k)
         accs = [comb.create_accumulator() for _ in range(16 if name == "fanout16" else 1)]
@@ -142,9 +154,10 @@ def run_variant(name, topk, Q, blocks, ids, k):
     else:
         acc = LegacyAccumulator(k)
     for i, (T, ib) in enumerate(zip(blocks, ids)):
-        t0 = clock()
+        t0, c0 = clock(), time.thread_time()
         S = Q @ T.T
         t_gemm += clock() - t0
+        cpu += time.thread_time() - c0  # the GEMM is not the top-k's work
         if name == "running":
             acc.add(S, ib)
         elif name == "legacy":
@@ -160,7 +173,7 @@ def run_variant(name, topk, Q, blocks, ids, k):
         res = comb.extract_output(comb.compact(comb.merge_accumulators(accs)))
     else:
         res = acc.extract()
-    return clock() - start, t_gemm, res
+    return clock() - start, t_gemm, time.thread_time() - cpu, res
 
 
 def same_result(a, b) -> bool:
@@ -181,10 +194,19 @@ def main(argv=None) -> int:
     ap.add_argument("--legacy-blocks", type=int, default=8,
                     help="blocks for the legacy reference at m = 100 (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--numpy", action="store_true",
+                    help="the top-k's numpy path even where the compiled scan is built (what an "
+                         "install without a C compiler runs)")
     args = ap.parse_args(argv)
     n = args.n or (20_000 if args.quick else 100_000)
     topk = _load_topk()
+    if args.numpy:
+        topk._kernel = None
     print(f"numpy {np.__version__}; BLAS: {_blas_info()}; cpus={os.cpu_count()}")
+    print("top-k: " + ("compiled scan and merge (influence_ops/_topk_scan.c)"
+                       if topk._kernel is not None else
+                       "numpy path (--numpy)" if args.numpy else
+                       f"numpy path, the compiled scan is missing: {topk._KERNEL_MISSING}"))
     bs = args.block
     n_blocks = max(1, n // bs)
     print(f"n_train={n_blocks * bs} in {n_blocks} blocks of {bs}, feature dim {DIM}, "
@@ -196,38 +218,41 @@ def main(argv=None) -> int:
     ids = [np.char.add("ex", np.char.zfill(perm[i * bs:(i + 1) * bs].astype(str), 7))
            for i in range(n_blocks)]
     info = [v for v in args.info.split(",") if v]
+    rounds = TARGETS + (("numpy",) if topk._kernel is not None else ())
     header = (f"{'m':>6} {'variant':>9} {'t_gemm_alone':>12} {'t_variant':>10} "
-              f"{'fraction':>8} {'in-loop':>8}  target")
+              f"{'fraction':>8} {'in-loop':>8} {'top-k CPU':>9}  target")
     print(header)
     print("-" * len(header))
     for m in args.m:
         Q = rng.standard_normal((m, DIM))
         gemm_only(Q, blocks[: min(4, n_blocks)])  # warm up BLAS threads and the allocator
-        t_g, t_v, t_in, results = [], {v: [] for v in TARGETS}, {v: [] for v in TARGETS}, {}
+        t_g, results = [], {}
+        t_v, t_in, t_cpu = ({v: [] for v in rounds} for _ in range(3))
         for _ in range(max(1, args.repeats)):
             t_g.append(gemm_only(Q, blocks))
-            for v in TARGETS:
-                wall, g, results[v] = run_variant(v, topk, Q, blocks, ids, args.k)
+            for v in rounds:
+                wall, g, c, results[v] = run_variant(v, topk, Q, blocks, ids, args.k)
                 t_v[v].append(wall)
                 t_in[v].append(g / wall)
+                t_cpu[v].append(c)
         for v in info:
-            wall, g, results[v] = run_variant(v, topk, Q, blocks, ids, args.k)
-            t_v[v], t_in[v] = [wall], [g / wall]
+            wall, g, c, results[v] = run_variant(v, topk, Q, blocks, ids, args.k)
+            t_v[v], t_in[v], t_cpu[v] = [wall], [g / wall], [c]
         g_med = float(np.median(t_g))
-        for v in list(TARGETS) + info:
+        for v in list(rounds) + info:
             frac = g_med / float(np.median(t_v[v]))
             target = ("PASS" if frac >= 0.5 else "MISS") if v in TARGETS else "info"
             print(f"{m:>6} {v:>9} {g_med:>12.3f} {np.median(t_v[v]):>10.3f} {frac:>8.2f} "
-                  f"{np.median(t_in[v]):>8.2f}  {target}")
+                  f"{np.median(t_in[v]):>8.2f} {np.median(t_cpu[v]):>9.3f}  {target}")
         agree = all(same_result(results[v], results["pipeline"]) for v in results)
         if m == 100 and args.legacy_blocks > 0:
             lb, li = blocks[: args.legacy_blocks], ids[: args.legacy_blocks]
             g = gemm_only(Q, lb)
-            wall_old, _, old = run_variant("legacy", topk, Q, lb, li, args.k)
-            wall_new, _, new = run_variant("pipeline", topk, Q, lb, li, args.k)
+            wall_old, _, _, old = run_variant("legacy", topk, Q, lb, li, args.k)
+            wall_new, _, _, new = run_variant("pipeline", topk, Q, lb, li, args.k)
             agree = agree and same_result(old, new)
             print(f"{m:>6} {'legacy':>9} {g:>12.3f} {wall_old:>10.3f} {g / wall_old:>8.3f} "
-                  f"{'':>8}  info: first {len(lb)} blocks; pipeline on them: "
+                  f"{'':>8} {'':>9}  info: first {len(lb)} blocks; pipeline on them: "
                   f"{g / wall_new:.2f}, top-k {(wall_old - g) / max(wall_new - g, 1e-9):.0f}x "
                   f"less time")
         print(f"{'':>6} all variants give identical results: {'yes' if agree else 'NO'}")

@@ -26,16 +26,24 @@ string ids are only compared where scores tie exactly.
   *codes* into a table of ids, so a step on both lists is one numpy call and entries move as
   numbers. The table is a list of the blocks' id arrays, concatenated only when strings are
   needed (exact ties, ``extract``, pickling) and compacted to the live ids now and then.
-* Adding a block to full lists is one ``argmax`` and one ``argmin`` pass over it (numpy's
-  fastest full passes). A list whose k-th best beats the block's best for that query is left
-  alone; after the first blocks almost all are. The rows of the others are compared with the
-  k-th best and their entries are staged; staged entries are merged into the lists a batch at a
-  time (once there are as many as lists, at least 256), which spreads the fixed cost of a merge
-  over blocks. The k-th best used meanwhile may be a little stale, which only lets a few more
-  entries through. While most lists still change (the first blocks), one threshold pass finds
-  the entries instead, and they are merged at once.
-* A merge sorts the float keys; a row with a single new entry is an insertion. Rows whose first
-  ``k + 1`` keys are not all distinct (or NaN) are re-sorted with the string ids.
+* **Compiled path** (``_topk_scan.c``, built by setup.py when a C compiler is there; without
+  one, or if it fails to load, the numpy path below runs, with identical results). Adding a
+  block to full lists is one read of it: a vectorised compare of every entry with both of its
+  query's k-th best keys, which returns the entries that can enter (``_scan``). They are
+  staged and merged into the lists by insertion, in C, in place (``_merge_compiled``); only a
+  list where a new key exactly equals one of its keys, or that holds NaN, goes to the id-aware
+  merge below. Staged entries are merged a batch at a time (once there are as many as lists, at
+  least 256), or at once while most lists still change (the first blocks).
+* **numpy path.** Adding a block to full lists is one ``argmax`` and one ``argmin`` pass over
+  it (numpy's fastest full passes). A list whose k-th best beats the block's best for that
+  query is left alone; after the first blocks almost all are. The rows of the others are
+  compared with the k-th best and their entries are staged; staged entries are merged into the
+  lists a batch at a time, which spreads the fixed cost of a merge over blocks. The k-th best
+  used meanwhile may be a little stale, which only lets a few more entries through. While most
+  lists still change (the first blocks), one threshold pass finds the entries instead, and they
+  are merged at once.
+* A numpy merge sorts the float keys; a row with a single new entry is an insertion. Rows whose
+  first ``k + 1`` keys are not all distinct (or NaN) are re-sorted with the string ids.
 * Merging two accumulators touches only ``(2m, 2k)`` arrays, and skips lists where the other's
   best is worse than this one's k-th best.
 * The first block ``add``-ed to an empty accumulator is kept **by reference**, not looked at,
@@ -50,11 +58,44 @@ string ids are only compared where scores tie exactly.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import pathlib
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-_DENSE = 0.4  # above this share of lists changing per block, find entries with a threshold pass
+_DENSE = 0.4  # above this share of lists changing per block: merge at once (numpy: threshold pass)
+
+
+def _load_kernel():
+    """The compiled scan ``influence_ops/_topk_scan.c`` (built by setup.py when a C compiler is
+    there), or None: then everything runs on the numpy path, with the same results.
+
+    Loaded from the file next to this one when the relative import fails, so that a script
+    that loads topk.py by path (benchmarks/bench_topk.py: the package ``__init__`` imports
+    TensorFlow) gets it too. Returns ``(module or None, why it is missing)``.
+    """
+    try:
+        from . import _topk_scan
+        return _topk_scan, ""
+    except ImportError as e:
+        why = f"{type(e).__name__}: {e}"
+    here = pathlib.Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_topk_scan{suffix}"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("_topk_scan", path)
+            try:
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+                return mod, ""
+            except ImportError as e:
+                return None, f"{path.name}: {type(e).__name__}: {e}"
+    return None, f"{why}; no _topk_scan*.so in {here} (built by setup.py: needs a C compiler)"
+
+
+_kernel, _KERNEL_MISSING = _load_kernel()
 
 
 def _select(key: np.ndarray, code: np.ndarray, kk: int, names: Callable[[], np.ndarray]):
@@ -167,6 +208,24 @@ def _entries(S: np.ndarray, mask: np.ndarray, rows: Optional[np.ndarray] = None)
     return r, col, np.where(pro, -vals, vals)
 
 
+def _scan(S: np.ndarray, tkey: np.ndarray, nan: bool, expect: int):
+    """``_entries(S, _key_mask(S, None, tkey, nan))`` in one compiled pass over ``S`` (needs
+    the kernel), plus the number of stacked rows with an entry.
+
+    ``expect`` (a guess of the entry count) sizes the outputs; when more entries reach the
+    thresholds, the scan runs again with room for all of them.
+    """
+    if S.shape[1] > 1 and S.strides[1] != S.itemsize:
+        S = np.ascontiguousarray(S)  # the kernel needs each row contiguous
+    cap = int(expect)
+    while True:
+        r, col, ekey = np.empty(cap, np.intp), np.empty(cap, np.intp), np.empty(cap)
+        n, hit = _kernel.scan(S, tkey, nan, r, col, ekey)
+        if n <= cap:
+            return r[:n], col[:n], ekey[:n], hit
+        cap = n
+
+
 def _block_best(S: np.ndarray, ids: np.ndarray, kk: int):
     """The ``kk`` best of each list for one block on its own: stacked ``(keys, columns)``,
     ``(2m, kk)``.
@@ -190,17 +249,30 @@ def _block_best(S: np.ndarray, ids: np.ndarray, kk: int):
     for j in ladder:
         tkey = np.concatenate([-ss[:, c - j], ss[:, j - 1]])
         sub = None if todo.size == 2 * m else todo
-        mask = _key_mask(S, sub, tkey if sub is None else tkey[todo])
-        if j == kk:
-            mask[mask.sum(axis=1) < kk] = True  # NaN rows: the whole row
-        r, col, ekey = _entries(S, mask, sub)
+        done = None
+        if sub is None and j < kk and _kernel is not None:
+            r, col, ekey, _ = _scan(S, tkey, True, 2 * (2 * m * j * b // c) + 4096)
+            # Compiled merge into lists of placeholders (key +inf, code -1): every list that
+            # the floats decide; a placeholder left means fewer than kk numbers got through.
+            key, code = np.full((2 * m, kk), np.inf), np.full((2 * m, kk), -1, dtype=np.int64)
+            tied = np.zeros(2 * m, dtype=bool)
+            _kernel.merge(key, code, r, ekey, col, tied)
+            done = ~tied & (code[:, -1] >= 0)
+            out_key[done], out_col[done] = key[done], code[done]
+        else:
+            mask = _key_mask(S, sub, tkey if sub is None else tkey[todo])
+            if j == kk:
+                mask[mask.sum(axis=1) < kk] = True  # NaN rows: the whole row
+            r, col, ekey = _entries(S, mask, sub)
         ok = np.bincount(r, minlength=todo.size) >= kk
-        if not ok.all():
-            e = ok[r]
-            r, col, ekey = (np.cumsum(ok) - 1)[r[e]], col[e], ekey[e]
-        rows = todo[ok]
-        out_key[rows], out_col[rows] = _best(none_key[:rows.size], none_code[:rows.size], r,
-                                             col, ekey, kk, names)
+        rest = ok if done is None else ok & ~done  # rows for _best
+        if not rest.all():
+            e = rest[r]
+            r, col, ekey = (np.cumsum(rest) - 1)[r[e]], col[e], ekey[e]
+        rows = todo[rest]
+        if rows.size:
+            out_key[rows], out_col[rows] = _best(none_key[:rows.size], none_code[:rows.size],
+                                                 r, col, ekey, kk, names)
         todo = todo[~ok]
         if todo.size == 0:
             break
@@ -228,6 +300,7 @@ class TopKAccumulator:
         self._owned = True  # False while key/code may be shared: copy before writing
         self._nan = False  # whether a NaN key may be in the lists
         self._hot = None  # share of lists the last block changed (only picks the faster path)
+        self._found = 0  # entries the last block let through (sizes the compiled scan's output)
         self._offsets = None  # flat offsets of the stacked rows in a block (cached)
         # Entries found in recent blocks, not merged into the lists yet: parts (stacked rows
         # ascending, keys, codes).
@@ -418,6 +491,17 @@ class TopKAccumulator:
         hot = self._hot
         if hot is None:  # unknown: what a block in random order would change
             hot = 1.0 - (n_before / (n_before + b)) ** k
+        if _kernel is not None:  # one compiled pass finds the entries, whatever the share
+            # Sized for ~twice what a block in random order lets through (k b / n_before per
+            # list) or the last block found; _scan runs again if more get through.
+            expect = max(2 * m * k * b // max(n_before, 1), self._found)
+            r, col, ekey, hit = _scan(S, t, self._nan, 2 * expect + 4096)
+            self._hot, self._found = hit / (2 * m), r.size
+            if r.size:
+                self._stage.append((r, ekey, col + self._add_names(ids)))
+                self._staged += r.size
+                self._flush(when_full=hot <= _DENSE)  # most lists change: merge at once
+            return
         if hot > _DENSE:  # most lists will change (first blocks): one threshold pass
             r, col, ekey = _entries(S, _key_mask(S, None, t, self._nan))
             self._hot = np.count_nonzero(np.bincount(r, minlength=2 * m)) / (2 * m)
@@ -464,28 +548,48 @@ class TopKAccumulator:
             r, ekey, code = parts[0]
         else:
             r, ekey, code = (np.concatenate(x) for x in zip(*parts))
-            o = np.argsort(r, kind="stable")
-            r, ekey, code = r[o], ekey[o], code[o]
-        k = self.k
-        # A row with a single entry: insert it (unless it ties).
-        counts = np.bincount(r, minlength=self._key.shape[0])
-        one = counts[r] == 1
-        if one.any():
-            rows = r[one]
-            key, new, write, tied = _insert(self._key[rows], self._code[rows], ekey[one],
-                                            code[one])
-            self._write(rows[write], key[write], new[write])
-            one[np.flatnonzero(one)[tied]] = False
-            r, ekey, code = r[~one], ekey[~one], code[~one]
+        if _kernel is not None:
+            # Compiled: every list the floats decide, in place; the others below, by id.
+            r, ekey, code = self._merge_compiled(r, ekey, code)
+        else:
+            if len(parts) > 1:
+                o = np.argsort(r, kind="stable")
+                r, ekey, code = r[o], ekey[o], code[o]
+            # A row with a single entry: insert it (unless it ties).
+            one = np.bincount(r, minlength=self._key.shape[0])[r] == 1
+            if one.any():
+                rows = r[one]
+                key, new, write, tied = _insert(self._key[rows], self._code[rows], ekey[one],
+                                                code[one])
+                self._write(rows[write], key[write], new[write])
+                one[np.flatnonzero(one)[tied]] = False
+                r, ekey, code = r[~one], ekey[~one], code[~one]
         if r.size:
             act = np.zeros(self._key.shape[0], dtype=bool)
             act[r] = True
             rows = np.flatnonzero(act)
             key, new = _best(self._key[rows], self._code[rows], (np.cumsum(act) - 1)[r], code,
-                             ekey, k, self._table)
+                             ekey, self.k, self._table)
             self._write(rows, key, new)
-        if self._n_names > 4 * self._code.size + 4096:
+        # Compacting gathers the id strings (~0.3 ms at m = 100, ~20% of the top-k there when
+        # it ran every ~24 blocks); the table may hold ~40k dead ids (~1.5 MB for 9-char ids).
+        if self._n_names > 4 * self._code.size + 32768:
             self._compact()
+
+    def _merge_compiled(self, r, ekey, code):
+        """Merges entries ``(r, ekey, code)`` (rows in any order) into the lists with the
+        compiled merge; returns the entries of the lists it leaves to ``_best`` (exact ties with
+        a new key, NaN), rows ascending."""
+        if not (self._owned and self._key.flags.c_contiguous and self._code.flags.c_contiguous):
+            self._key, self._code = np.array(self._key, order="C"), np.array(self._code, order="C")
+            self._owned = True
+        tied = np.zeros(self._key.shape[0], dtype=bool)
+        if _kernel.merge(self._key, self._code, r, ekey, code, tied) == 0:
+            return r[:0], ekey[:0], code[:0]
+        e = tied[r]
+        r, ekey, code = r[e], ekey[e], code[e]
+        o = np.argsort(r, kind="stable")
+        return r[o], ekey[o], code[o]
 
     def _merge_lists(self, okey, ocode):
         """Merges stacked sorted lists ``okey``/``ocode`` (codes in our table) into ours."""

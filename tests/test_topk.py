@@ -2,6 +2,7 @@
 compare with a brute-force sort (score descending, id ascending for proponents)."""
 
 import itertools
+import os
 import pickle
 import string
 
@@ -9,7 +10,32 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from influence_ops import topk
 from influence_ops.topk import TopKAccumulator, TopKCombiner, top_k
+
+
+def require_kernel():
+    """Skips (or, with REQUIRE_TOPK_KERNEL=1 as in CI, fails) when the compiled scan is not
+    built, so that CI never passes on the numpy path alone without saying so."""
+    if topk._kernel is None:
+        msg = f"influence_ops._topk_scan is not built: {topk._KERNEL_MISSING}"
+        if os.environ.get("REQUIRE_TOPK_KERNEL") == "1":
+            pytest.fail(msg + " (REQUIRE_TOPK_KERNEL=1)")
+        pytest.skip(msg)
+
+
+@pytest.fixture(autouse=True, scope="module", params=["compiled", "numpy"])
+def scan_path(request):
+    """Every test of this module runs on both paths: with the compiled scan, and with the
+    numpy fallback that installs without a C compiler get. Module scope: hypothesis refuses
+    function-scoped fixtures."""
+    kernel = topk._kernel
+    if request.param == "compiled":
+        require_kernel()
+    else:
+        topk._kernel = None
+    yield request.param
+    topk._kernel = kernel
 
 
 def brute_force(scores, ids, k, largest):
@@ -325,8 +351,9 @@ def test_long_stream_with_nan_rows_compacts_ids():
             np.testing.assert_array_equal(r[f"{side}_ids"], ref_i)
 
 
-def test_benchmark_smoke_run(capsys):
-    """benchmarks/bench_topk.py still runs (tiny sizes; timings belong to the benchmark)."""
+def test_benchmark_smoke_run(capsys, scan_path):
+    """benchmarks/bench_topk.py still runs (tiny sizes; timings belong to the benchmark), and
+    its copy of topk.py, loaded by path, finds the compiled scan too."""
     import importlib.util
     import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -334,7 +361,109 @@ def test_benchmark_smoke_run(capsys):
     spec = importlib.util.spec_from_file_location("bench_topk_smoke", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--n", "3072", "--m", "100", "7", "--repeats", "1",
-                       "--legacy-blocks", "2"]) == 0
+    assert bench.main(["--n", "3072", "--m", "100", "7", "--repeats", "1", "--legacy-blocks",
+                       "2"] + (["--numpy"] if scan_path == "numpy" else [])) == 0
     out = capsys.readouterr().out
     assert out.count("all variants give identical results: yes") == 2 and "legacy" in out
+    assert ("top-k: compiled scan" if scan_path == "compiled" else "top-k: numpy path") in out
+
+
+# --- the compiled scan itself -----------------------------------------------------------------
+
+def scan_cases():
+    """Blocks with exact ties at the thresholds, NaN and +-inf scores, widths around the
+    kernel's 16-entry chunks, and thresholds that are NaN (whole rows) or infinite."""
+    rng = np.random.default_rng(11)
+    for m, b in [(1, 1), (3, 15), (4, 16), (5, 17), (7, 100), (40, 512), (2, 0)]:
+        S = np.round(rng.normal(size=(m, b)), 1)
+        S[rng.random((m, b)) < 0.05] = np.nan
+        S[rng.random((m, b)) < 0.02] = np.inf
+        S[rng.random((m, b)) < 0.02] = -np.inf
+        S[rng.random((m, b)) < 0.05] = -0.0
+        t = np.round(rng.normal(1.0, 1.0, size=2 * m), 1)  # many exact ties with S
+        t[rng.random(2 * m) < 0.2] = np.nan
+        t[rng.random(2 * m) < 0.1] = np.inf
+        t[rng.random(2 * m) < 0.1] = -np.inf
+        yield S, t
+
+
+def bits(a):
+    """Entries as raw bits: -0.0 differs from 0.0, and NaN's sign counts."""
+    return a.view(np.uint64) if a.dtype == np.float64 else a
+
+
+def test_compiled_scan_equals_numpy_mask_entries(scan_path):
+    """_scan returns exactly ``_entries(S, _key_mask(S, None, t, nan))`` (same rows, columns,
+    key bits, order): contiguous blocks, column slices (strided rows), transposed arrays (copied),
+    and outputs too small at first (the scan runs again)."""
+    if scan_path == "numpy":
+        pytest.skip("the compiled scan only")
+    for S, t in scan_cases():
+        m, b = S.shape
+        wide = np.concatenate([S, S, S], axis=1)
+        views = [S, wide[:, b:2 * b], np.asfortranarray(S)]
+        for view, nan, expect in itertools.product(views, (True, False), (0, 1, 10**6)):
+            want = topk._entries(view, topk._key_mask(view, None, t, nan))
+            r, col, key, hit = topk._scan(view, t, nan, expect)
+            for got, ref in zip((r, col, key), want):
+                assert got.dtype == ref.dtype
+                np.testing.assert_array_equal(bits(got), bits(ref))
+            assert hit == np.count_nonzero(np.bincount(want[0], minlength=2 * m))
+        # A strided threshold column, as the accumulator passes (keys[:, k - 1]).
+        tt = np.stack([t, t], axis=1)[:, 1]
+        r, col, key, _ = topk._scan(S, tt, True, 0)
+        np.testing.assert_array_equal(r, topk._entries(S, topk._key_mask(S, None, t, True))[0])
+
+
+def test_compiled_scan_rejects_wrong_arrays(scan_path):
+    if scan_path == "numpy":
+        pytest.skip("the compiled scan only")
+    S, t = np.zeros((3, 20)), np.zeros(6)
+    out = [np.empty(4, np.int64), np.empty(4, np.int64), np.empty(4)]
+    assert topk._kernel.scan(S, t, True, *out) == (120, 6)  # counted, not all written
+    with pytest.raises(ValueError, match="contiguous"):
+        topk._kernel.scan(np.asfortranarray(S), t, True, *out)
+    with pytest.raises(ValueError, match="2m = 6"):
+        topk._kernel.scan(S, t[:5], True, *out)
+    with pytest.raises(ValueError, match="float64"):
+        topk._kernel.scan(S.astype(np.float32), t, True, *out)
+    with pytest.raises(ValueError, match="int64"):
+        topk._kernel.scan(S, t, True, out[0].astype(np.int32), out[1], out[2])
+    with pytest.raises(TypeError, match="6 arguments"):
+        topk._kernel.scan(S, t)
+
+
+def test_flush_equals_best_on_all_candidates():
+    """A merge of staged entries (compiled: in place, then _best on the lists it leaves; numpy:
+    insertions, then _best) equals _best on each list's candidates at once: lists holding ties
+    decided by id, NaN and infinite keys, new entries that tie with the lists and with each
+    other, rows in any order."""
+    rng = np.random.default_rng(5)
+    names = np.array([f"n{i:05d}" for i in rng.permutation(20000)])
+    for trial in range(40):
+        n, k = int(rng.integers(1, 30)), int(rng.integers(1, 12))
+        pool = np.round(rng.normal(size=(n, 3 * k)), int(rng.integers(0, 3)))
+        pool[rng.random(pool.shape) < 0.03] = np.inf
+        pool[rng.random(pool.shape) < 0.03] = -np.inf
+        if trial % 4 == 0:
+            pool[rng.random(pool.shape) < 0.2] = np.nan
+        codes = rng.permutation(names.size)[:pool.size].reshape(pool.shape)
+        base_key, base_code = topk._best(
+            np.empty((n, 0)), np.empty((n, 0), dtype=np.int64), np.repeat(np.arange(n), 2 * k),
+            codes[:, :2 * k].ravel(), pool[:, :2 * k].ravel(), k, lambda: names)
+        ne = int(rng.integers(0, 3 * n))
+        r = rng.integers(0, n, ne)
+        ecode = rng.permutation(np.setdiff1d(np.arange(names.size), codes))[:ne]
+        ekey = np.where(rng.random(ne) < 0.5, pool[r, rng.integers(0, 3 * k, ne)],  # ties
+                        np.round(rng.normal(size=ne), 1))
+        o = np.argsort(r, kind="stable")
+        want_key, want_code = topk._best(base_key, base_code, r[o], ecode[o], ekey[o], k,
+                                         lambda: names)
+        acc = TopKAccumulator(k, n)
+        acc._key, acc._code = base_key.copy(), base_code.copy()
+        acc._add_names(names)
+        acc._stage, acc._staged = [(r[:ne // 2], ekey[:ne // 2], ecode[:ne // 2]),
+                                   (r[ne // 2:], ekey[ne // 2:], ecode[ne // 2:])], ne
+        acc._flush()
+        np.testing.assert_array_equal(bits(acc._key), bits(want_key))
+        np.testing.assert_array_equal(acc._table()[acc._code], names[want_code])
