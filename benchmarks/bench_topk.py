@@ -9,7 +9,8 @@ one of these top-k variants (k = 10 by default):
              the end compact + extract_output.
   running    one accumulator, acc.add(S, ids) per block (InfluenceCalculator.top_k).
   fanout16   like pipeline with 16 accumulators, block i -> accumulator i % 16, merged at the end
-             (what CombineGlobally(...).with_fanout(16) does inside one bundle). Information only.
+             (what CombineGlobally(...).with_fanout(16) did inside one bundle; MergeTopK no
+             longer fans out). Information only.
   eager      like pipeline, but every per-block partial is compacted (fully ranked on its own)
              before it is merged, as when partials are pickled between workers. Information only.
   numpy      like pipeline, on the numpy path of topk.py (what installs without a C compiler
