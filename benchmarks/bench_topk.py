@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import resource
 import pathlib
 import sys
 import time
@@ -126,6 +127,11 @@ class LegacyAccumulator:
 
 # --- timed loops ------------------------------------------------------------------------------
 
+def _faults() -> int:
+    """Minor page faults of this process so far (fresh memory touched for the first time)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def gemm_only(Q, blocks) -> float:
     t0 = time.perf_counter()
     for T in blocks:
@@ -145,7 +151,7 @@ def run_variant(name, topk, Q, blocks, ids, k):
             topk._kernel = kernel
     m = Q.shape[0]
     clock = time.perf_counter
-    t_gemm = 0.0
+    t_gemm, faults = 0.0, 0
     start, cpu = clock(), time.thread_time()
     if name in ("pipeline", "eager", "fanout16"):
         comb = topk.TopKCombiner(k)
@@ -155,9 +161,10 @@ def run_variant(name, topk, Q, blocks, ids, k):
     else:
         acc = LegacyAccumulator(k)
     for i, (T, ib) in enumerate(zip(blocks, ids)):
-        t0, c0 = clock(), time.thread_time()
+        t0, c0, f0 = clock(), time.thread_time(), _faults()
         S = Q @ T.T
         t_gemm += clock() - t0
+        faults += _faults() - f0
         cpu += time.thread_time() - c0  # the GEMM is not the top-k's work
         if name == "running":
             acc.add(S, ib)
@@ -174,7 +181,7 @@ def run_variant(name, topk, Q, blocks, ids, k):
         res = comb.extract_output(comb.compact(comb.merge_accumulators(accs)))
     else:
         res = acc.extract()
-    return clock() - start, t_gemm, time.thread_time() - cpu, res
+    return clock() - start, t_gemm, time.thread_time() - cpu, res, faults / len(blocks)
 
 
 def same_result(a, b) -> bool:
@@ -221,36 +228,38 @@ def main(argv=None) -> int:
     info = [v for v in args.info.split(",") if v]
     rounds = TARGETS + (("numpy",) if topk._kernel is not None else ())
     header = (f"{'m':>6} {'variant':>9} {'t_gemm_alone':>12} {'t_variant':>10} "
-              f"{'fraction':>8} {'in-loop':>8} {'top-k CPU':>9}  target")
+              f"{'fraction':>8} {'in-loop':>8} {'top-k CPU':>9} {'faults':>8}  target")
     print(header)
     print("-" * len(header))
     for m in args.m:
         Q = rng.standard_normal((m, DIM))
         gemm_only(Q, blocks[: min(4, n_blocks)])  # warm up BLAS threads and the allocator
         t_g, results = [], {}
-        t_v, t_in, t_cpu = ({v: [] for v in rounds} for _ in range(3))
+        t_v, t_in, t_cpu, t_flt = ({v: [] for v in rounds} for _ in range(4))
         for _ in range(max(1, args.repeats)):
             t_g.append(gemm_only(Q, blocks))
             for v in rounds:
-                wall, g, c, results[v] = run_variant(v, topk, Q, blocks, ids, args.k)
+                wall, g, c, results[v], flt = run_variant(v, topk, Q, blocks, ids, args.k)
                 t_v[v].append(wall)
                 t_in[v].append(g / wall)
                 t_cpu[v].append(c)
+                t_flt[v].append(flt)
         for v in info:
-            wall, g, c, results[v] = run_variant(v, topk, Q, blocks, ids, args.k)
-            t_v[v], t_in[v], t_cpu[v] = [wall], [g / wall], [c]
+            wall, g, c, results[v], flt = run_variant(v, topk, Q, blocks, ids, args.k)
+            t_v[v], t_in[v], t_cpu[v], t_flt[v] = [wall], [g / wall], [c], [flt]
         g_med = float(np.median(t_g))
         for v in list(rounds) + info:
             frac = g_med / float(np.median(t_v[v]))
             target = ("PASS" if frac >= 0.5 else "MISS") if v in TARGETS else "info"
             print(f"{m:>6} {v:>9} {g_med:>12.3f} {np.median(t_v[v]):>10.3f} {frac:>8.2f} "
-                  f"{np.median(t_in[v]):>8.2f} {np.median(t_cpu[v]):>9.3f}  {target}")
+                  f"{np.median(t_in[v]):>8.2f} {np.median(t_cpu[v]):>9.3f} "
+                  f"{np.median(t_flt[v]):>8.0f}  {target}")
         agree = all(same_result(results[v], results["pipeline"]) for v in results)
         if m == 100 and args.legacy_blocks > 0:
             lb, li = blocks[: args.legacy_blocks], ids[: args.legacy_blocks]
             g = gemm_only(Q, lb)
-            wall_old, _, _, old = run_variant("legacy", topk, Q, lb, li, args.k)
-            wall_new, _, _, new = run_variant("pipeline", topk, Q, lb, li, args.k)
+            wall_old, _, _, old, _ = run_variant("legacy", topk, Q, lb, li, args.k)
+            wall_new, _, _, new, _ = run_variant("pipeline", topk, Q, lb, li, args.k)
             agree = agree and same_result(old, new)
             print(f"{m:>6} {'legacy':>9} {g:>12.3f} {wall_old:>10.3f} {g / wall_old:>8.3f} "
                   f"{'':>8} {'':>9}  info: first {len(lb)} blocks; pipeline on them: "
