@@ -22,6 +22,7 @@ import uuid
 from typing import Dict, List, Optional
 
 import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
@@ -138,8 +139,9 @@ def commit(output: str, temp: str, parts: Dict[str, List[str]],
            schemas: Dict[str, object]) -> Dict[str, List[str]]:
     """Moves the parts of each table to ``<output>/<name>/part-i-of-n.parquet`` and removes
     ``temp``; returns the final paths per table. A table with no part gets one empty file
-    when its schema is known. Safe to run again after a partial attempt: a part already moved
-    is skipped."""
+    when its schema is known. One batch rename per table, existence checked only for the
+    parts it could not move, so it is safe to run again after a partial attempt: a part
+    already moved is left where it is."""
     files = {}
     for name in sorted(set(parts) | set(schemas)):
         srcs = sorted(parts.get(name, []))
@@ -149,11 +151,15 @@ def commit(output: str, temp: str, parts: Dict[str, List[str]],
                 _write_empty(srcs[0], schemas[name])
         n = len(srcs)
         dsts = [_join(output, name, f"part-{i:05d}-of-{n:05d}.parquet") for i in range(n)]
-        todo = [(s, d) for s, d in zip(srcs, dsts)
-                if FileSystems.exists(s) or not FileSystems.exists(d)]
-        if todo:
+        if srcs:
             _mkdirs(_join(output, name))
-            FileSystems.rename([s for s, _ in todo], [d for _, d in todo])
+            try:
+                FileSystems.rename(srcs, dsts)  # one batch (object stores: copy + delete)
+            except BeamIOError as e:
+                # Parts an earlier attempt of this step moved: gone here and at their place.
+                if not all(not FileSystems.exists(s) and FileSystems.exists(d)
+                           for s, d in e.exception_details):
+                    raise
         files[name] = dsts
     remove_temp(output)
     return files
