@@ -11,8 +11,9 @@ committed. This is the protocol of Beam's ``WriteToParquet`` (temporary files, t
 finalising rename), as one ``ParDo`` for all tables instead of ~30 transforms and three
 stages per table, which were a quarter of a small job's graph.
 
-Memory: rows are buffered per table name up to :data:`ROW_GROUP_ROWS` before a row group is
-written, so a bundle holds at most one row group per table.
+Memory: rows are buffered per table name up to :data:`ROW_GROUP_ROWS` rows or
+:data:`ROW_GROUP_BYTES` before a row group is written, so a bundle holds at most one row group
+per table.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 TEMP = "_temp"            # under --output: the parts being written, removed by commit()
 ROW_GROUP_ROWS = 65536    # rows buffered per table before a Parquet row group is written
+ROW_GROUP_BYTES = 64 << 20  # ... or bytes (tables of images: the examples tables)
 
 
 def rows(item) -> int:
@@ -53,6 +55,7 @@ class _Part:
         self.path, self.schema = path, schema
         self.file = self.writer = None
         self.rows, self.buffer, self.singles, self.buffered = 0, [], [], 0
+        self.buffered_bytes = 0
 
     def add(self, item):
         if isinstance(item, dict):
@@ -61,9 +64,10 @@ class _Part:
         else:
             self.buffer.append(item)
             n = item.num_rows
+            self.buffered_bytes += item.nbytes
         self.buffered += n
         self.rows += n
-        if self.buffered >= ROW_GROUP_ROWS:
+        if self.buffered >= ROW_GROUP_ROWS or self.buffered_bytes >= ROW_GROUP_BYTES:
             self.flush()
 
     def flush(self):
@@ -77,7 +81,7 @@ class _Part:
             return
         table = (self.buffer[0] if len(self.buffer) == 1
                  else pa.concat_tables(self.buffer, promote_options="default"))
-        self.buffer, self.buffered = [], 0
+        self.buffer, self.buffered, self.buffered_bytes = [], 0, 0
         if self.writer is None:
             self.file = FileSystems.create(self.path)
             self.writer = pq.ParquetWriter(self.file, self.schema or table.schema)

@@ -90,3 +90,22 @@ def test_commit_again_after_a_partial_one_gives_the_same_files(tmp_path):
     got = pa.concat_tables([pq.read_table(f) for f in files["scores"]])
     assert got.sort_by("id").equals(_table(0, 7))
     assert files == write.commit(out, temp, {"scores": srcs}, {"scores": SCHEMA})
+
+
+def test_a_part_writes_a_row_group_per_threshold_and_keeps_every_row(tmp_path, monkeypatch):
+    """Memory per bundle is one row group per table: the buffer is written out once it holds
+    ROW_GROUP_ROWS rows or ROW_GROUP_BYTES bytes, whichever comes first."""
+    monkeypatch.setattr(write, "ROW_GROUP_ROWS", 10)
+    part = write._Part(str(tmp_path / "p.parquet"), SCHEMA)
+    for lo in range(0, 35, 5):
+        part.add(_table(lo, lo + 5))
+    part.close()
+    f = pq.ParquetFile(tmp_path / "p.parquet")
+    assert f.metadata.num_row_groups == 4 and part.rows == 35  # 10, 10, 10, 5
+    assert f.read().equals(_table(0, 35))
+    monkeypatch.setattr(write, "ROW_GROUP_BYTES", _table(0, 5).nbytes)
+    part = write._Part(str(tmp_path / "q.parquet"), SCHEMA)
+    for lo in range(0, 15, 5):
+        part.add(_table(lo, lo + 5))
+    part.close()
+    assert pq.ParquetFile(tmp_path / "q.parquet").metadata.num_row_groups == 3
