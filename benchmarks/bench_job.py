@@ -14,7 +14,7 @@ this process), and featurize / its bound (that forward+backward plus the numpy p
     PYTHONPATH=. .venv/bin/python benchmarks/bench_job.py --solvers arnoldi --modes mp1,mp2
 
 ``--modes``: ``in_process`` (the default runner) and/or ``mpN`` (``multi_processing`` with N
-SDK worker processes); with ``mp1`` and ``mp2`` both, the speed-up of two workers over one
+SDK worker processes) and/or ``mtN`` (``multi_threading``, N worker threads in one process); with ``mp1`` and ``mp2`` both, the speed-up of two workers over one
 (wall time of mp1 / mp2) is printed per solver (issue target: >= 1.5 on 2 cores). Peak RSS
 in the mpN modes is the driver process's own (the workers are separate processes). ``busy
 cores`` = CPU seconds of the job and its worker processes / wall time: a one-worker run that
@@ -87,7 +87,8 @@ def main(argv=None):
     ap.add_argument("--fit_sample_size", type=int, default=10000)
     ap.add_argument("--quick", action="store_true", help="n=2,000, 20 queries")
     ap.add_argument("--modes", default="in_process",
-                    help="comma list of in_process / mpN (multi_processing, N workers)")
+                    help="comma list of in_process / mpN (multi_processing, N workers) / mtN "
+                         "(multi_threading)")
     args = ap.parse_args(argv)
     n, m = (2000, 20) if args.quick else (args.n, args.queries)
     from bench_fit import cnn, forward_backward_seconds
@@ -123,8 +124,9 @@ def main(argv=None):
         walls, busy = {}, {}
         for mode in args.modes.split(","):
             flags = [f"--solver={solver}"]
-            if mode.startswith("mp"):
-                flags += ["--direct_running_mode=multi_processing",
+            if mode.startswith(("mp", "mt")):
+                flags += ["--direct_running_mode=" + ("multi_processing" if mode[1] == "p"
+                                                      else "multi_threading"),
                           f"--direct_num_workers={int(mode[2:])}"]
             r = run_job(work, f"{solver}_{mode}", base + flags)
             if "error" in r:
