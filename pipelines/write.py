@@ -18,7 +18,6 @@ per table.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Dict, List, Optional
 
@@ -27,7 +26,7 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-log = logging.getLogger(__name__)
+from pipelines.finalize import _join
 
 TEMP = "_temp"            # under --output: the parts being written, removed by commit()
 ROW_GROUP_ROWS = 65536    # rows buffered per table before a Parquet row group is written
@@ -37,10 +36,6 @@ ROW_GROUP_BYTES = 64 << 20  # ... or bytes (tables of images: the examples table
 def rows(item) -> int:
     """Rows in one element of a table's PCollection (a pyarrow table or one row)."""
     return 1 if isinstance(item, dict) else item.num_rows
-
-
-def _join(*parts: str) -> str:
-    return FileSystems.join(*parts)
 
 
 def temp_dir(output: str, token: Optional[str] = None) -> str:
